@@ -1,0 +1,71 @@
+"""RankIndex: what one rank loads, `<key>/rank_<r>/index.json`, read and merged safely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cache.digest import canonical_json
+from cache.errors import CacheError, UnsafeCacheError
+from cache.layout import INDEX, rank_dir_name
+from cache.permissions import read_file_nofollow
+from cache.records import check_index_entry, make_index, parse_index
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cache.store import CacheEntry
+
+
+class RankIndex:
+    """`<key>/rank_<r>/index.json`: the caller's names (e.g. piece and size) → blob digests.
+
+    Values are dicts holding a "digest" and whatever else the caller records (graph_key,
+    bytes, seconds), never absolute paths. Updates merge under a lock and replace the file whole.
+    """
+
+    def __init__(self, entry: CacheEntry, rank: int):
+        self.entry = entry
+        self.rank = rank
+        self.path: Path = entry.path / rank_dir_name(rank) / INDEX
+
+    def __repr__(self) -> str:
+        return f"RankIndex({str(self.path)!r})"
+
+    def read(self) -> dict[str, dict]:
+        """The entries; {} if the index is absent or malformed (then quarantined with a warning)."""
+        try:
+            raw = read_file_nofollow(self.path)
+        except FileNotFoundError:
+            return {}
+        except UnsafeCacheError:
+            raise
+        except (CacheError, OSError) as e:
+            self._quarantine(f"unreadable rank index: {e}")
+            return {}
+        try:
+            return parse_index(raw)
+        except ValueError as e:
+            self._quarantine(f"malformed rank index: {e}")
+            return {}
+
+    def update(self, entries: dict[str, dict]) -> None:
+        """Merge `entries` into the index (same names are replaced) and write it whole, atomically.
+
+        Raises ValueError naming a bad entry (no valid "digest", an absolute path in it).
+        """
+        if not isinstance(entries, dict):
+            raise ValueError(f"rank index entries must be a dict, got {type(entries).__name__}")
+        for name, value in entries.items():
+            check_index_entry(name, value)
+        entries = json.loads(canonical_json(entries))  # plain JSON, detached from the caller's
+        lock = self.entry.make_lock(self.path.with_name(INDEX + ".lock"), None)
+        if lock is None:
+            return
+        with lock:
+            merged = self.read()
+            merged.update(entries)
+            self.entry.write_json(self.path, make_index(merged))
+
+    def _quarantine(self, reason: str) -> None:
+        # Named after the rank: every rank's index is called index.json.
+        self.entry.quarantine(self.path, reason, name=f"{self.path.parent.name}.{INDEX}")

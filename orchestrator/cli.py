@@ -1,0 +1,25 @@
+"""The `kiln` command: `kiln warmup`, `kiln config …`, `kiln cache …`.
+
+Subcommand groups live in their own modules and import heavy dependencies (torch, ray) inside
+the command bodies, so `kiln cache ls` starts instantly.
+"""
+
+from __future__ import annotations
+
+import click
+
+from orchestrator.cli_cache import cache_group
+from orchestrator.cli_config import config_group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="torch-kiln", prog_name="kiln")
+def main() -> None:
+    """kiln: compile PyTorch models piecewise on every rank, once, into a shared cache."""
+
+
+main.add_command(config_group)
+main.add_command(cache_group)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

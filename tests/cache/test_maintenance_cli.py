@@ -1,0 +1,233 @@
+"""`kiln cache ls|verify|prune|explain` through click's CliRunner, and the maintenance helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from cache import CacheStore
+from cache.maintenance import diff_factors, flatten, format_size, parse_size
+from orchestrator.cli_cache import cache_group, format_ranks
+
+DAY = 86400
+
+FACTORS_A = {"config_hash": "aaa", "compiler": {"torch": "2.13", "triton": "3.4"}, "env": {}}
+FACTORS_B = {"config_hash": "bbb", "compiler": {"torch": "2.11", "triton": "3.4"}, "env": {"X": "1"}}
+
+
+def cli(*args: str):
+    return CliRunner().invoke(cache_group, [str(a) for a in args], catch_exceptions=False)
+
+
+def fill(root, factors, *, graphs: int, size: int, ranks=(0,), age_days: float = 0):
+    entry = CacheStore(root).entry(factors)
+    for i in range(graphs):
+        digest, _, _ = entry.get_or_compute(f"g{i}", lambda i=i: bytes([i]) * size)
+        for r in ranks:
+            entry.rank_index(r).update({f"piece{i}": {"digest": digest, "graph_key": f"g{i}"}})
+    if age_days:
+        then = time.time() - age_days * DAY
+        os.utime(entry.path / "last_used", (then, then))
+    return entry
+
+
+@pytest.fixture
+def two_entries(root):
+    old = fill(root, FACTORS_A, graphs=3, size=300_000, ranks=(0, 1, 2, 3), age_days=10)
+    new = fill(root, FACTORS_B, graphs=2, size=100_000, ranks=(0,))
+    return old, new
+
+
+# ----- ls -----
+
+
+def test_ls_table(root, two_entries):
+    old, new = two_entries
+    result = cli("ls", "--root", root)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:4] == ["KEY", "SIZE", "BLOBS", "RANKS"]
+    row = next(line for line in lines if line.startswith(old.key)).split()
+    assert 879.0 <= float(row[1]) < 900 and row[2:5] == ["KiB", "3", "0-3"]  # 3 x 300 kB of blobs, plus records
+    created, last_used = row[5], row[6]
+    assert created.endswith("Z") and last_used < created  # last_used was set 10 days back
+    assert next(line for line in lines if line.startswith(new.key)).split()[3:5] == ["2", "0"]
+    assert lines[-1].startswith("total: 2 entries, 1.")
+
+
+def test_ls_json(root, two_entries):
+    old, new = two_entries
+    result = cli("ls", "--root", root, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    by_key = {e["key"]: e for e in doc["entries"]}
+    assert by_key[old.key]["blobs"] == 3 and by_key[old.key]["ranks"] == [0, 1, 2, 3]
+    assert by_key[new.key]["size"] >= 200_000
+    assert doc["total"] == {"entries": 2, "size": sum(e["size"] for e in doc["entries"])}
+    assert by_key[old.key]["last_used"] < by_key[new.key]["last_used"]
+
+
+def test_ls_empty_and_missing_root(root, tmp_path):
+    CacheStore(root)
+    assert cli("ls", "--root", root).output.splitlines()[-1] == "total: 0 entries, 0 B"
+    missing = tmp_path / "no-such-root"
+    result = cli("ls", "--root", missing)
+    assert result.exit_code == 2 and str(missing) in result.output and "does not exist" in result.output
+    assert not missing.exists(), "looking must not create the root"
+
+
+def test_unsafe_root_exit_2(root, two_entries):
+    os.chmod(root, 0o777)
+    for command in ("ls", "verify"):
+        result = cli(command, "--root", root)
+        assert result.exit_code == 2 and str(root) in result.output and "writable" in result.output
+
+
+def test_default_root_from_env(root, two_entries, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_ROOT", str(root))
+    assert json.loads(cli("ls", "--json").output)["total"]["entries"] == 2
+
+
+# ----- verify -----
+
+
+def test_verify_clean_then_flipped_byte(root, two_entries):
+    old, _ = two_entries
+    result = cli("verify", "--root", root)
+    assert result.exit_code == 0, result.output
+    assert "verified 2 entries: 5 blobs" in result.output and "0 quarantined" in result.output
+
+    digest = old.lookup("g1")[0]
+    blob = old.blob_path(digest)
+    data = bytearray(blob.read_bytes())
+    data[12345] ^= 0xFF
+    blob.write_bytes(data)
+
+    result = cli("verify", "--root", root)
+    assert result.exit_code == 1
+    assert f"quarantined {old.key}/blobs/{digest}" in result.output
+    assert f"quarantined {old.key}/refs/g1.json" in result.output  # its ref names a blob now gone
+    assert f"{old.key}/rank_0/index.json" in result.output  # rank indexes keep their good entries
+    assert not blob.exists()
+    assert set(old.rank_index(2).read()) == {"piece0", "piece2"}
+
+    assert cli("verify", "--root", root).exit_code == 0  # everything bad is out of the way now
+
+
+def test_verify_catches_bad_records(root, two_entries):
+    old, new = two_entries
+    (old.path / "refs" / "g0.json").write_text("{truncated")
+    (new.path / "rank_0" / "index.json").write_text('{"schema": 1, "entries": [')
+    (new.path / "key_factors.json").write_text(json.dumps({"config_hash": "tampered"}))
+    result = cli("verify", "--root", root)
+    assert result.exit_code == 1
+    for bad in (f"{old.key}/refs/g0.json", f"{new.key}/rank_0/index.json", f"{new.key}/key_factors.json"):
+        assert f"quarantined {bad}" in result.output
+    assert "3 quarantined" in result.output
+    assert len(os.listdir(new.path / "quarantine")) == 2
+
+
+def test_verify_sets_aside_links_and_reports_unsafe_dirs(root, two_entries, tmp_path):
+    old, new = two_entries
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not ours")
+    link = old.path / "blobs" / ("ab" * 16)
+    link.symlink_to(outside)
+    os.chmod(new.path / "refs", 0o777)
+    result = cli("verify", "--root", root)
+    assert result.exit_code == 1
+    assert f"quarantined {old.key}/blobs/{'ab' * 16}: is a symlink" in result.output
+    assert f"problem: cache directory {new.path / 'refs'} is group- or other-writable" in result.output
+    assert outside.read_bytes() == b"not ours" and not os.path.lexists(link)
+
+
+# ----- prune -----
+
+
+def test_prune_older_than(root, two_entries):
+    old, new = two_entries
+    dry = cli("prune", "--root", root, "--older-than", 7, "--dry-run")
+    assert dry.exit_code == 0 and f"would remove {old.key}" in dry.output and new.key not in dry.output
+    assert old.path.exists()
+
+    result = cli("prune", "--root", root, "--older-than", 7)
+    assert result.exit_code == 0 and f"removed {old.key}" in result.output
+    assert CacheStore(root).keys() == [new.key]
+    assert not [n for n in os.listdir(root) if n.startswith(".trash-")]
+
+
+def test_prune_max_size_removes_least_recently_used(root, two_entries):
+    old, new = two_entries
+    third = fill(root, {"third": True}, graphs=1, size=50_000, age_days=1)
+    result = cli("prune", "--root", root, "--max-size", "500K")
+    assert result.exit_code == 0, result.output
+    assert CacheStore(root).keys() == sorted([new.key, third.key])  # the 10-day-old one went first
+
+    result = cli("prune", "--root", root, "--max-size", "240K")  # the two left make about 245 KiB
+    assert result.exit_code == 0, result.output
+    assert CacheStore(root).keys() == [new.key]  # then the next least recently used (a day old)
+    assert cli("prune", "--root", root, "--max-size", "0").exit_code == 0
+    assert CacheStore(root).keys() == []
+
+
+def test_prune_usage_errors(root, two_entries):
+    result = cli("prune", "--root", root)
+    assert result.exit_code == 2 and "--older-than" in result.output
+    result = cli("prune", "--root", root, "--max-size", "lots")
+    assert result.exit_code == 2 and "'lots'" in result.output
+    assert len(CacheStore(root).keys()) == 2
+
+
+# ----- explain -----
+
+
+def test_explain_one_key(root, two_entries):
+    old, _ = two_entries
+    result = cli("explain", "--root", root, old.key)
+    assert result.exit_code == 0
+    assert json.loads(result.output) == FACTORS_A
+    assert json.loads(cli("explain", "--root", root, old.key[:8]).output) == FACTORS_A  # unique prefix
+
+
+def test_explain_diff(root, two_entries):
+    old, new = two_entries
+    result = cli("explain", "--root", root, old.key, new.key)
+    assert result.exit_code == 0
+    assert result.output.splitlines() == [
+        'compiler.torch: "2.13" != "2.11"',
+        'config_hash: "aaa" != "bbb"',
+        "env: {} != <absent>",
+        'env.X: <absent> != "1"',
+    ]
+    assert cli("explain", "--root", root, old.key, old.key).output.strip() == "identical factors"
+
+
+def test_explain_errors(root, two_entries, tmp_path):
+    old, _ = two_entries
+    result = cli("explain", "--root", root, "0" * 32)
+    assert result.exit_code == 2 and "0" * 32 in result.output
+    result = cli("explain", "--root", root, old.key, "feedface")
+    assert result.exit_code == 2 and "feedface" in result.output
+    result = cli("explain", "--root", tmp_path / "nowhere", old.key)
+    assert result.exit_code == 2 and "nowhere" in result.output
+
+
+# ----- helpers -----
+
+
+def test_sizes_and_ranks():
+    assert parse_size("500M") == 500 << 20 and parse_size("2G") == 2 << 30 and parse_size("1024") == 1024
+    assert parse_size("1.5KiB") == 1536 and parse_size("3gb") == 3 << 30
+    with pytest.raises(ValueError, match="'12X'"):
+        parse_size("12X")
+    assert (format_size(512), format_size(12.3 * (1 << 20)), format_size(5 << 40)) == ("512 B", "12.3 MiB", "5.0 TiB")
+    assert (format_ranks([]), format_ranks([0]), format_ranks([0, 1, 2, 3, 5, 7, 8])) == ("-", "0", "0-3,5,7-8")
+
+
+def test_flatten_and_diff():
+    assert flatten({"a": {"b": {"c": 1}, "d": [1, {"x": 2}]}, "e": {}}) == {"a.b.c": 1, "a.d": [1, {"x": 2}], "e": {}}
+    assert diff_factors({"a": 1}, {"a": 1}) == []

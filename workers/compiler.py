@@ -1,0 +1,272 @@
+"""kiln's piecewise Dynamo backend (level 3): split, then compile or load every piece.
+
+Called by Dynamo with the traced graph. Splits it at the splitting ops, walks the split graph
+with fake tensors to learn each piece's inputs, and for every non-splitting piece gets one
+artifact for the symbolic batch size plus one per `compile_sizes` entry: from this process's
+memory if an identical piece was already done, else from the cache (compute-once across
+processes: one compiles, the others wait and load), else by compiling with Inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
+
+from workers.artifacts import ArtifactError, compile_graph, load_graph
+from workers.compiler_factors import code_hash, codegen_env, compiler_factors
+from workers.passes import PostGradPassManager
+from workers.piecewise import PieceRunner, size_index
+from workers.record import CompileRecord
+from workers.split import Piece, split_graph
+from workers.structural_hash import structural_hash
+
+if TYPE_CHECKING:
+    from cache import CacheEntry, CacheStore
+    from workers.config import CompilationConfig
+
+log = logging.getLogger("kiln.compiler")
+
+SYMBOLIC = "sym"
+
+
+def _extract_root() -> str:
+    """One private directory per process for loaded artifacts' files (kept until exit)."""
+    global _EXTRACT_DIR
+    if _EXTRACT_DIR is None:
+        _EXTRACT_DIR = tempfile.TemporaryDirectory(prefix="kiln-loaded-")
+    return _EXTRACT_DIR.name
+
+
+_EXTRACT_DIR: tempfile.TemporaryDirectory | None = None
+
+
+def _device_of(example_inputs: Sequence[Any]) -> torch.device:
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def _concrete(value: Any, size: int) -> int:
+    """Evaluate an int or SymInt with every batch symbol set to `size`."""
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr
+        return int(expr.xreplace({sym: size for sym in expr.free_symbols}))
+    return int(value)
+
+
+def concrete_inputs(fake_args: Sequence[Any], size: int, real_by_id: dict[int, Any]) -> list[Any]:
+    """Inputs for compiling a piece at a static batch size: real graph inputs where the piece
+    takes them unchanged (weights), zero tensors of the concrete shape elsewhere."""
+    out: list[Any] = []
+    for value in fake_args:
+        if isinstance(value, torch.SymInt):
+            out.append(size)
+        elif isinstance(value, torch.Tensor):
+            real = real_by_id.get(id(value))
+            if real is not None and all(isinstance(s, int) for s in value.shape):
+                out.append(real)
+            else:
+                shape = [_concrete(s, size) for s in value.shape]
+                stride = [_concrete(s, size) for s in value.stride()]
+                out.append(torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device).zero_())
+        else:
+            out.append(value)
+    return out
+
+
+class PiecewiseBackend:
+    """The level-3 Dynamo backend. One instance compiles one model on one rank."""
+
+    def __init__(
+        self,
+        config: CompilationConfig,
+        store: CacheStore | None,
+        *,
+        rank: int = 0,
+        record: CompileRecord | None = None,
+    ):
+        self.config = config
+        self.store = store
+        self.rank = rank
+        self.record = record if record is not None else CompileRecord()
+        self.config_hash = config.compute_hash()
+        self.entry: CacheEntry | None = None
+        self.runners: list[PieceRunner] = []
+        self._done: dict[str, Callable[..., Any]] = {}  # graph key -> callable, this process
+        self._index: dict[str, dict[str, Any]] = {}
+        self._inductor_patches = self._inductor_config_patches()
+
+    # ---- Dynamo entry point -------------------------------------------------------------------
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        record = self.record
+        record.config_hash = self.config_hash
+        with record.phase("split") as facts:
+            split_gm, pieces = split_graph(gm, list(self.config.splitting_ops or []))
+            facts["pieces"] = len(pieces)
+        record.pieces_total += len(pieces)
+        record.pieces_splitting += sum(p.is_splitting for p in pieces)
+        record.pieces_compiled += sum(not p.is_splitting for p in pieces)
+
+        self.entry = self._open_cache_entry(example_inputs)
+        # Dynamo hands backends a fake mode of their own (sharing its shape env); fakify the
+        # real inputs in it, which keeps their symbolic batch dimension.
+        fake_mode = torch._guards.TracingContext.get().fake_mode
+        fake_args = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        real_by_id = {id(f): r for f, r in zip(fake_args, example_inputs) if isinstance(r, torch.Tensor)}
+
+        by_name = {p.name: p for p in pieces}
+        runners: dict[str, PieceRunner] = {}
+        backend = self
+
+        class _Walk(fx.Interpreter):
+            # Propagate fake tensors through the split graph; build each piece's runner from
+            # the inputs it actually receives.
+            def call_module(self, target, args, kwargs):
+                piece = by_name[target]
+                out = super().call_module(target, args, kwargs)
+                runners[target] = backend._runner_for(piece, args, real_by_id)
+                return out[0] if piece.returns_single else out
+
+        with fake_mode, enable_python_dispatcher():
+            _Walk(split_gm).run(*fake_args)
+
+        for name, runner in runners.items():
+            # Shadow the submodule: the split module's generated code calls self.<name>(...).
+            split_gm.__dict__[name] = runner
+        self.runners = [runners[p.name] for p in pieces]
+        record.unique_pieces = len({k.split("-s")[0] for k in self._done})
+        if self.entry is not None and self._index:
+            self.entry.rank_index(self.rank).update(self._index)
+        return split_gm
+
+    # ---- pieces -------------------------------------------------------------------------------
+
+    def _runner_for(self, piece: Piece, args: Sequence[Any], real_by_id: dict[int, Any]) -> PieceRunner:
+        if piece.is_splitting:
+            return PieceRunner(piece.index, piece.module, returns_single=piece.returns_single, is_splitting=True)
+        key = structural_hash(piece.module, args, self.config_hash)
+        general = self._get(
+            piece, key, SYMBOLIC,
+            lambda: compile_graph(piece.module, args, dynamic_shapes="from_tracing_context",
+                                  config_patches=self._inductor_patches),
+        )
+        sizes = [s for s in (self.config.compile_sizes or []) if isinstance(s, int)]
+        by_size: dict[int, Callable[..., Any]] = {}
+        if size_index(args) is not None:
+            for size in sizes:
+                by_size[size] = self._get(
+                    piece, f"{key}-s{size}", size,
+                    lambda size=size: compile_graph(
+                        piece.module, concrete_inputs(args, size, real_by_id),
+                        dynamic_shapes="from_example_inputs", config_patches=self._inductor_patches),
+                )
+        return PieceRunner(piece.index, general, returns_single=piece.returns_single, is_splitting=False,
+                           size_arg=size_index(args), by_size=by_size)
+
+    def _get(self, piece: Piece, graph_key: str, size: int | str,
+             compile_fn: Callable[[], tuple[Callable[..., Any], bytes]]) -> Callable[..., Any]:
+        record = self.record
+        if graph_key in self._done:
+            record.memory_dedup_hits += 1
+            self._note_index(piece, size, graph_key, None)
+            return self._done[graph_key]
+        compiled: list[Callable[..., Any]] = []
+
+        def compute() -> bytes:
+            with record.phase(f"compile piece {piece.index} size {size}", graph_key=graph_key) as facts:
+                fn, data = compile_fn()
+                facts["bytes"] = len(data)
+            record.inductor_compiles += 1
+            compiled.append(fn)
+            return data
+
+        if self.entry is None:
+            compute()
+            fn = compiled[-1]
+        else:
+            fn = self._get_cached(piece, graph_key, size, compute, compiled)
+        self._done[graph_key] = fn
+        if record.progress is not None:
+            record.progress(f"piece {piece.index} size {size}", len(self._done), 0)
+        return fn
+
+    def _get_cached(self, piece, graph_key, size, compute, compiled) -> Callable[..., Any]:
+        record, entry = self.record, self.entry
+        assert entry is not None
+        for _ in range(2):
+            written_before = entry.stats.blobs_written
+            digest, data, computed = entry.get_or_compute(graph_key, compute)
+            self._note_index(piece, size, graph_key, digest, len(data))
+            if computed:
+                record.cache_misses += 1
+                if entry.stats.blobs_written > written_before:  # not on a read-only or full disk
+                    record.artifacts_saved += 1
+                    record.bytes_saved += len(data)
+                return compiled[-1]
+            record.cache_hits += 1
+            try:
+                with record.phase(f"load piece {piece.index} size {size}", graph_key=graph_key, bytes=len(data)):
+                    fn = load_graph(data, _extract_root())
+            except ArtifactError as exc:
+                # Verified bytes that torch cannot load: drop them and compile afresh.
+                entry.invalidate(graph_key, str(exc))
+                record.warnings.append(f"artifact for piece {piece.index} size {size} unusable: {exc}")
+                continue
+            record.artifacts_loaded += 1
+            record.bytes_loaded += len(data)
+            return fn
+        raise RuntimeError(f"piece {piece.index} size {size}: artifact unusable twice in a row")
+
+    def _note_index(self, piece: Piece, size: int | str, graph_key: str, digest: str | None,
+                    nbytes: int | None = None) -> None:
+        if digest is None:
+            digest = next((v["digest"] for v in self._index.values() if v["graph_key"] == graph_key), "")
+        self._index[f"piece_{piece.index}/size_{size}"] = {
+            "graph_key": graph_key, "digest": digest, "bytes": nbytes,
+        }
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _open_cache_entry(self, example_inputs: Sequence[Any]) -> CacheEntry | None:
+        traced = torch._guards.TracingContext.get().traced_code or []
+        files = {code.co_filename for code in traced}
+        digest, relative = code_hash(files)
+        self.config.traced_files.update(relative)
+        self.record.traced_files = sorted(set(self.record.traced_files) | set(relative))
+        if self.store is None:
+            return None
+        factors = {
+            "config_hash": self.config_hash,
+            "code_hash": digest,
+            "compiler": compiler_factors(_device_of(example_inputs)),
+            "env": codegen_env(),
+        }
+        entry = self.store.entry(factors)
+        self.record.cache_key = entry.key
+        self.record.cache_dir = str(entry.path)
+        self.config.set_local_cache_dir(os.fspath(entry.path))
+        return entry
+
+    def _inductor_config_patches(self) -> dict[str, Any]:
+        from torch._inductor import config as inductor_config
+
+        patches = dict(self.config.inductor_compile_config)
+        for key in patches:
+            obj = inductor_config
+            for part in key.split("."):
+                if not hasattr(obj, part):
+                    raise ValueError(f"inductor_compile_config: unknown Inductor option {key!r}")
+                obj = getattr(obj, part)
+        passes = PostGradPassManager(self.config.resolved_passes, self.config.pass_config.enable_noop)
+        if passes.noop is not None or passes.user_passes:
+            patches["post_grad_custom_post_pass"] = passes
+        return patches

@@ -1,0 +1,452 @@
+"""`CompilationConfig`: what kiln compiles, how, and which of it enters the config hash.
+
+The driver validates it and hashes it; each worker rebuilds it from the JSON it receives and
+checks the hash (see DESIGN.md, "Compilation semantics"). Only stdlib, pydantic and xxhash are
+imported here, so `kiln config …` starts fast; torch is the business of the code that
+interprets the config.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from workers.config_io import (
+    ConfigError,
+    apply_overrides,
+    canonical_json,
+    hash_text,
+    load_json_object,
+    reject_unknown_keys,
+)
+from workers.config_checks import (
+    CAPTURE_SIZES_PLACEHOLDER,
+    FIELD_CHECKS,
+    check_backend,
+    check_inductor_config,
+    check_inductor_passes,
+    expand_compile_sizes,
+    fold_deprecated_flags,
+    is_positive_int,
+    padding_table,
+)
+from workers.compile_modes import CompilationLevel, CUDAGraphMode
+from workers.pass_config import PassConfig, pass_identity, pass_names, resolve_passes
+
+__all__ = [
+    "CAPTURE_SIZES_PLACEHOLDER",
+    "DEFAULT_SPLITTING_OPS",
+    "CompilationConfig",
+    "CompilationLevel",
+    "ConfigError",
+    "CUDAGraphMode",
+    "PassConfig",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPLITTING_OPS = ["kiln::attention"]
+"""Splitting ops at level PIECEWISE when none are given: kiln's attention op."""
+
+
+class CompilationConfig(BaseModel):
+    """How kiln compiles a model on every rank (see DESIGN.md, "Compilation semantics").
+
+    Build it from keyword arguments, `from_json`, `from_cli` or `with_overrides`; every invalid
+    value raises a ValueError (pydantic's ValidationError is one) naming the field and the value.
+    After validation `cudagraph_mode` and `splitting_ops` hold their resolved values and the
+    deprecated flags are folded into `cudagraph_mode` (and reset to None), so a dump loads back
+    unchanged. Runtime state (capture-size tables, counters, timings) lives in private
+    attributes: never dumped, never hashed.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    level: CompilationLevel = CompilationLevel.PIECEWISE
+    """0 eager, 1 torch.compile with `backend` as is, 2 Dynamo traces once, 3 piecewise (kiln's
+    backend). An int or a name in any case."""
+
+    backend: str = "inductor"
+    """torch.compile backend at levels 1 and 2: "inductor", "eager", "aot_eager" or any
+    registered Dynamo backend. Ignored at level 3 (see `use_inductor`)."""
+
+    custom_ops: list[str] = []
+    """Custom-op switches: at most one of "all" / "none", plus "+name" / "-name" for single ops.
+    An enabled op runs its own kernel (opaque to Inductor); a disabled one runs native torch code
+    that Inductor can fuse. Default: all enabled without Inductor, all disabled with it."""
+
+    splitting_ops: list[str] | None = None
+    """Ops at which level 3 splits the graph ("ns::op" or "ns::op.overload"); each occurrence
+    runs eagerly between compiled pieces. None: kiln's attention op at level 3, none otherwise."""
+
+    use_inductor: bool = True
+    """Level 3: compile the pieces with Inductor (True) or run them as traced FX code (False)."""
+
+    compile_sizes: list[int | str] | None = None
+    """Static batch sizes compiled besides the symbolic one; the entry "cudagraph_capture_sizes"
+    stands for all capture sizes (expanded by `init_with_cudagraph_sizes`)."""
+
+    inductor_compile_config: dict[str, Any] = {}
+    """Inductor config overrides (JSON values; nested options spelled "triton.cudagraphs")."""
+
+    inductor_passes: dict[str, Any] = {}
+    """Inductor pass hooks (e.g. "post_grad_custom_post_pass") → a callable or its qualified
+    name ("pkg.mod:attr" or "pkg.mod.attr"), resolved when the config is built."""
+
+    cudagraph_mode: CUDAGraphMode | None = None
+    """CUDA graph capture mode, a name in any case. None resolves to FULL_AND_PIECEWISE at
+    level 3 and NONE otherwise. Modes with a PIECEWISE part need level 3."""
+
+    use_cudagraph: bool | None = None
+    """Deprecated, use `cudagraph_mode`: False means cudagraph_mode NONE. Folded into
+    cudagraph_mode (and reset to None) when the config is built."""
+
+    cudagraph_num_of_warmups: int = Field(default=1, ge=0)
+    """Eager warm-up runs per size before its CUDA graph is captured."""
+
+    cudagraph_capture_sizes: list[int] | None = None
+    """Batch sizes to capture CUDA graphs for. None: the caller's default list, given to
+    `init_with_cudagraph_sizes`, which also de-duplicates and sorts them, largest first."""
+
+    cudagraph_copy_inputs: bool = False
+    """Copy inputs into the graph's static buffers (instead of the caller keeping them there)."""
+
+    full_cuda_graph: bool | None = None
+    """Deprecated, use `cudagraph_mode`: True means cudagraph_mode FULL. Folded into
+    cudagraph_mode (and reset to None) when the config is built."""
+
+    pass_config: PassConfig = PassConfig()
+    """Switches for kiln's own post-grad passes."""
+
+    cache_dir: str = ""
+    """Root of the kiln cache; "" for the default. Never part of the hash."""
+
+    debug_dump_path: str = ""
+    """Directory for debug dumps (graphs, generated code); "" for none."""
+
+    # Runtime state, not config (set in model_post_init, then by init_with_cudagraph_sizes and
+    # the backend). Plain assignments there rather than PrivateAttr(default_factory=...), which
+    # pydantic 2.13 re-inspects on every instance: building a config took ~20x longer.
+    _given: dict[str, Any]
+    _resolved_passes: dict[str, Any]
+    _max_capture_size: int
+    _bs_to_padded_graph_size: list[int]
+    _local_cache_dir: str
+    _enabled_custom_ops: collections.Counter[str]
+    _disabled_custom_ops: collections.Counter[str]
+    _traced_files: set[str]
+    _compilation_time: float
+
+    def model_post_init(self, context: Any, /) -> None:
+        # Runs after field validation and before the mode="after" validators (and also for
+        # model_construct, which skips validation).
+        self._given = {}
+        self._resolved_passes = {}
+        self._max_capture_size = 0
+        self._bs_to_padded_graph_size = []
+        self._local_cache_dir = ""
+        self._enabled_custom_ops = collections.Counter()
+        self._disabled_custom_ops = collections.Counter()
+        self._traced_files = set()
+        self._compilation_time = 0.0
+
+    # -----------------------------------------------------------------------------------------
+    # Field validation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        reject_unknown_keys(cls, data, "")
+        return data
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _parse_level(cls, value: Any) -> CompilationLevel:
+        return CompilationLevel.parse(value)
+
+    @field_validator(*FIELD_CHECKS, mode="before")
+    @classmethod
+    def _check_raw(cls, value: Any, info: ValidationInfo) -> Any:
+        return FIELD_CHECKS[info.field_name](value)
+
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, value: str) -> str:
+        return check_backend(value)
+
+    @field_validator("inductor_compile_config")
+    @classmethod
+    def _check_inductor_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_inductor_config(value)
+
+    @field_validator("inductor_passes")
+    @classmethod
+    def _check_inductor_passes(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_inductor_passes(value)
+
+    @field_serializer("cudagraph_mode", when_used="json")
+    def _dump_cudagraph_mode(self, value: CUDAGraphMode | None) -> str | None:
+        return None if value is None else value.name
+
+    @field_serializer("inductor_passes", when_used="json")
+    def _dump_inductor_passes(self, value: dict[str, Any]) -> dict[str, str]:
+        return pass_names(value)
+
+    # -----------------------------------------------------------------------------------------
+    # Resolution after the fields are valid
+
+    @model_validator(mode="after")
+    def _resolve(self) -> CompilationConfig:
+        # What the caller gave, before resolution: with_overrides starts from this, so that
+        # overriding `level` re-derives the defaults instead of keeping those of the old level.
+        self._given = self.model_dump(include=set(self.model_fields_set))
+        explicit_mode = self.cudagraph_mode is not None
+        self.cudagraph_mode = fold_deprecated_flags(
+            self.cudagraph_mode, self.use_cudagraph, self.full_cuda_graph
+        )
+        # Folded into cudagraph_mode: keeping them would make a dump conflict with itself.
+        self.use_cudagraph = self.full_cuda_graph = None
+        if self.cudagraph_mode is None:
+            piecewise = self.level == CompilationLevel.PIECEWISE
+            self.cudagraph_mode = (
+                CUDAGraphMode.FULL_AND_PIECEWISE if piecewise else CUDAGraphMode.NONE
+            )
+        elif (
+            explicit_mode
+            and self.level != CompilationLevel.PIECEWISE
+            and self.cudagraph_mode.requires_piecewise_compilation()
+        ):
+            raise ValueError(
+                f"cudagraph_mode: {self.cudagraph_mode.name} has piecewise CUDA graphs, which need"
+                f" level=3 (PIECEWISE), got level={int(self.level)} ({self.level.name});"
+                " use cudagraph_mode NONE or FULL"
+            )
+        self._resolved_passes = resolve_passes(self.inductor_passes, self.inductor_compile_config)
+        self.set_splitting_ops_for_piecewise()
+        return self
+
+    def set_splitting_ops_for_piecewise(self) -> None:
+        """Resolve `splitting_ops` for the level; downgrade piecewise graphs with nothing to split.
+
+        Level 3: None becomes DEFAULT_SPLITTING_OPS; an empty list leaves one piece (the whole
+        graph), so a mode needing piecewise graphs becomes FULL, with a warning. Other levels:
+        None becomes [], anything else is kept.
+        """
+        if self.level != CompilationLevel.PIECEWISE:
+            if self.splitting_ops is None:
+                self.splitting_ops = []
+            return
+        if self.splitting_ops is None:
+            self.splitting_ops = list(DEFAULT_SPLITTING_OPS)
+        mode = self.cudagraph_mode
+        if not self.splitting_ops and mode is not None and mode.requires_piecewise_compilation():
+            warnings.warn(
+                f"cudagraph_mode {mode.name} needs piecewise graphs, but splitting_ops is empty,"
+                " so the graph is never split; using cudagraph_mode FULL instead",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.cudagraph_mode = CUDAGraphMode.FULL
+
+    # -----------------------------------------------------------------------------------------
+    # Custom ops
+
+    def uses_inductor(self) -> bool:
+        """Whether Inductor compiles the model (decides the custom-op default)."""
+        if self.level in (CompilationLevel.DYNAMO_AS_IS, CompilationLevel.DYNAMO_ONCE):
+            return self.backend == "inductor"
+        return self.level == CompilationLevel.PIECEWISE and self.use_inductor
+
+    def custom_op_enabled(self, name: str) -> bool:
+        """Whether custom op `name` runs its own kernel: +name / -name, else all / none, else
+        enabled exactly when Inductor is not in use (Inductor fuses the native code better)."""
+        if f"+{name}" in self.custom_ops:
+            return True
+        if f"-{name}" in self.custom_ops:
+            return False
+        if "all" in self.custom_ops:
+            return True
+        if "none" in self.custom_ops:
+            return False
+        return not self.uses_inductor()
+
+    def record_custom_op(self, name: str, enabled: bool) -> None:
+        """Count one instantiation of custom op `name` on its enabled or disabled path."""
+        (self._enabled_custom_ops if enabled else self._disabled_custom_ops)[name] += 1
+
+    @property
+    def enabled_custom_ops(self) -> collections.Counter[str]:
+        """Custom op name → instances built on the custom path (mutable)."""
+        return self._enabled_custom_ops
+
+    @property
+    def disabled_custom_ops(self) -> collections.Counter[str]:
+        """Custom op name → instances built on the native path (mutable)."""
+        return self._disabled_custom_ops
+
+    # -----------------------------------------------------------------------------------------
+    # Sizes
+
+    def init_with_cudagraph_sizes(self, default_sizes: Sequence[int]) -> None:
+        """Fix the capture sizes, expand compile_sizes and build the padding table.
+
+        Capture sizes are `cudagraph_capture_sizes` if set, else `default_sizes`; stored back
+        de-duplicated, largest first. `bs_to_padded_graph_size[b]` is the smallest capture size
+        >= b for 1 <= b <= max_capture_size (index 0 holds 0); larger batches run without
+        graphs. Computed even with cudagraph_mode NONE: dispatch pads with it. Idempotent.
+        """
+        if self.cudagraph_capture_sizes is not None:
+            sizes = list(self.cudagraph_capture_sizes)
+        else:
+            sizes = list(default_sizes)
+            for size in sizes:
+                if not is_positive_int(size):
+                    raise ValueError(
+                        f"default cudagraph capture size {size!r} is not a positive int"
+                    )
+        unique = sorted(set(sizes), reverse=True)
+        if len(unique) != len(sizes):
+            duplicates = sorted(size for size, n in collections.Counter(sizes).items() if n > 1)
+            logger.info("cudagraph_capture_sizes: dropped duplicate sizes %s", duplicates)
+        self.cudagraph_capture_sizes = unique
+        self.compile_sizes = expand_compile_sizes(self.compile_sizes, unique)
+        self._max_capture_size = unique[0] if unique else 0
+        self._bs_to_padded_graph_size = padding_table(unique)
+
+    @property
+    def max_capture_size(self) -> int:
+        """Largest capture size; 0 before init_with_cudagraph_sizes or without sizes."""
+        return self._max_capture_size
+
+    @property
+    def bs_to_padded_graph_size(self) -> list[int]:
+        """Batch size b (0..max_capture_size) → the capture size it runs padded to."""
+        return self._bs_to_padded_graph_size
+
+    # -----------------------------------------------------------------------------------------
+    # Runtime state recorded by the backend
+
+    @property
+    def local_cache_dir(self) -> str:
+        """This rank's cache directory, chosen by the backend; "" until then."""
+        return self._local_cache_dir
+
+    def set_local_cache_dir(self, path: str | os.PathLike[str]) -> None:
+        """Record this rank's cache directory."""
+        self._local_cache_dir = os.fspath(path)
+
+    @property
+    def traced_files(self) -> set[str]:
+        """Source files Dynamo traced (mutable; they feed the code hash)."""
+        return self._traced_files
+
+    @property
+    def compilation_time(self) -> float:
+        """Seconds spent compiling so far."""
+        return self._compilation_time
+
+    def add_compilation_time(self, seconds: float) -> None:
+        """Add `seconds` (>= 0) to compilation_time."""
+        if seconds < 0:
+            raise ValueError(f"compilation time must be >= 0 seconds, got {seconds!r}")
+        self._compilation_time += seconds
+
+    @property
+    def resolved_passes(self) -> dict[str, Any]:
+        """Inductor pass hook name → the resolved callable."""
+        return dict(self._resolved_passes)
+
+    # -----------------------------------------------------------------------------------------
+    # Hash
+
+    def compile_factors(self) -> dict[str, Any]:
+        """Everything that changes the compiled code, as plain JSON (explains cache misses).
+
+        Never paths, sizes, CUDA graph settings or runtime state: sizes key cache entries, and
+        CUDA graphs are captured after compilation.
+        """
+        return {
+            "level": int(self.level),
+            "backend": self.backend,
+            "custom_ops": list(self.custom_ops),
+            "splitting_ops": list(self.splitting_ops or []),
+            "use_inductor": self.use_inductor,
+            "inductor_compile_config": dict(self.inductor_compile_config),
+            "pass_config": self.pass_config.model_dump(mode="json"),
+            "inductor_passes": {
+                name: pass_identity(name, target) for name, target in self._resolved_passes.items()
+            },
+        }
+
+    def compute_hash(self) -> str:
+        """xxh3-128 hex of the canonical JSON of compile_factors(); stable across processes."""
+        return hash_text(canonical_json(self.compile_factors()))
+
+    # -----------------------------------------------------------------------------------------
+    # JSON and overrides
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The resolved config as JSON; `from_json` of it gives an equal config and hash."""
+        # A clear error for a pass without a name, before pydantic's serializer wraps it.
+        pass_names(self.inductor_passes)
+        return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike[str]) -> CompilationConfig:
+        """From JSON text (a string starting with "{") or a JSON file path."""
+        return cls.model_validate(load_json_object(text_or_path))
+
+    @classmethod
+    def from_cli(
+        cls, file: str | os.PathLike[str] | None, overrides: Sequence[str]
+    ) -> CompilationConfig:
+        """From an optional JSON file plus `key=value` overrides (see `with_overrides`)."""
+        data = load_json_object(file) if file is not None else {}
+        return cls.model_validate(apply_overrides(data, overrides, cls))
+
+    def with_overrides(self, overrides: Sequence[str]) -> CompilationConfig:
+        """A new config: the fields given to this one, plus dotted `key=value` overrides.
+
+        `level=3`, `pass_config.enable_noop=false`, `compile_sizes=[1,2,4]`,
+        `cudagraph_mode=full`, `custom_ops=["none","+rms_norm"]`: a value is JSON if it parses,
+        else plain text. Derived values (cudagraph_mode's default, splitting_ops) are derived
+        anew; runtime state is not carried over.
+        """
+        data = apply_overrides(_copy_containers(self._given), overrides, type(self))
+        return type(self).model_validate(data)
+
+    def __eq__(self, other: object) -> bool:
+        # Config fields only (runtime counters and timings are not config), and passes by what
+        # they resolve to: a callable equals its qualified name after a JSON round trip.
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, CompilationConfig)
+        fields = (name for name in type(self).model_fields if name != "inductor_passes")
+        return all(getattr(self, f) == getattr(other, f) for f in fields) and (
+            self._resolved_passes == other._resolved_passes
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+
+def _copy_containers(value: Any) -> Any:
+    """Copy dicts and lists recursively; leaves (callables included) are shared."""
+    if isinstance(value, dict):
+        return {key: _copy_containers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_containers(item) for item in value]
+    return value

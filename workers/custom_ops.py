@@ -1,0 +1,119 @@
+"""kiln's custom ops and the `CustomOp` base for layers with two implementations.
+
+- `kiln::attention`: the default splitting op (see workers/attention.py for its maths).
+- `kiln::all_reduce`: sum over the tensor-parallel group, no per-rank argument in the graph.
+- `CustomOp`: a layer whose custom path is an opaque op (Inductor cannot look inside) and whose
+  native path is plain torch code that Inductor fuses. Which one runs is fixed when the layer is
+  built, from the `CompilationConfig` active at that time (`building_with(config)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from workers.parallel import tp_state
+
+if TYPE_CHECKING:
+    from workers.config import CompilationConfig
+
+# ---------------------------------------------------------------------------------------------
+# kiln::all_reduce
+
+
+@torch.library.custom_op("kiln::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor) -> torch.Tensor:
+    state = tp_state()
+    out = x.clone()
+    dist.all_reduce(out, group=state.group)
+    return out
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the tensor-parallel group; the identity (no op in the graph) at world size 1."""
+    if tp_state().world_size == 1:
+        return x
+    return torch.ops.kiln.all_reduce(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The config active while a model is built
+
+_BUILD = threading.local()
+
+
+@contextlib.contextmanager
+def building_with(config: CompilationConfig | None) -> Iterator[None]:
+    """Make `config` decide custom-op paths for the layers built inside this block."""
+    previous = getattr(_BUILD, "config", None)
+    _BUILD.config = config
+    try:
+        yield
+    finally:
+        _BUILD.config = previous
+
+
+def current_build_config() -> CompilationConfig | None:
+    return getattr(_BUILD, "config", None)
+
+
+class CustomOp(nn.Module):
+    """A layer with a custom path (an opaque op) and a native path (torch code Inductor fuses).
+
+    Subclasses set `op_name` and implement `forward_custom` and `forward_native` with the same
+    signature. The choice is made once, at construction, from the config active in
+    `building_with(...)`; without one the custom path runs (no Inductor assumed).
+    """
+
+    op_name: ClassVar[str] = ""
+    registry: ClassVar[dict[str, type[CustomOp]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.op_name:
+            assert cls.op_name not in CustomOp.registry, f"custom op {cls.op_name!r} defined twice"
+            CustomOp.registry[cls.op_name] = cls
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = current_build_config()
+        self.use_custom = True if config is None else config.custom_op_enabled(self.op_name)
+        if config is not None:
+            config.record_custom_op(self.op_name, self.use_custom)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.use_custom:
+            return self.forward_custom(*args)
+        return self.forward_native(*args)
+
+    def forward_custom(self, *args: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_native(self, *args: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"path={'custom' if self.use_custom else 'native'}"
+
+
+def check_custom_op_names(config: CompilationConfig) -> None:
+    """Every `+name`/`-name` in config.custom_ops must name a registered CustomOp."""
+    unknown = [
+        entry
+        for entry in config.custom_ops
+        if entry[:1] in "+-" and entry[1:] not in CustomOp.registry
+    ]
+    if unknown:
+        known = ", ".join(sorted(CustomOp.registry)) or "none"
+        raise ValueError(f"custom_ops: unknown op(s) {unknown}; known custom ops: {known}")

@@ -1,0 +1,73 @@
+"""Timings and counters of one worker's compile, as one JSON-serializable record.
+
+Phases carry wall-clock start/end (time.time(), comparable across processes on one node) so the
+driver can lay them out on a timeline; counters say what the cache did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Phase:
+    name: str
+    """e.g. "dynamo_trace", "split", "compile piece 2 size sym", "load piece 2 size 8", "capture"."""
+    start: float
+    """Wall-clock seconds since the epoch."""
+    end: float
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Phase-specific facts: hit/miss, bytes, graph key, GiB captured, …"""
+
+
+@dataclass
+class CompileRecord:
+    phases: list[Phase] = field(default_factory=list)
+    pieces_total: int = 0
+    pieces_splitting: int = 0
+    pieces_compiled: int = 0
+    """Non-splitting pieces (compiled by Inductor or loaded from the cache)."""
+    unique_pieces: int = 0
+    """Distinct structural hashes among the compiled pieces."""
+    inductor_compiles: int = 0
+    """Graphs this process compiled with Inductor (per piece and size)."""
+    cache_hits: int = 0
+    cache_misses: int = 0
+    artifacts_saved: int = 0
+    artifacts_loaded: int = 0
+    bytes_saved: int = 0
+    bytes_loaded: int = 0
+    memory_dedup_hits: int = 0
+    """(piece, size) served by an identical piece already compiled or loaded in this process."""
+    traced_files: list[str] = field(default_factory=list)
+    config_hash: str = ""
+    cache_key: str = ""
+    cache_dir: str = ""
+    warnings: list[str] = field(default_factory=list)
+    progress: Callable[[str, int, int], None] | None = field(default=None, repr=False, compare=False)
+    """Optional callback (what, done, total) for live progress; not serialized."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str, **extra: Any) -> Iterator[dict[str, Any]]:
+        """Time a block as a phase; the yielded dict lets the block add facts."""
+        start = time.time()
+        t0 = time.perf_counter()
+        facts: dict[str, Any] = dict(extra)
+        try:
+            yield facts
+        finally:
+            seconds = time.perf_counter() - t0
+            self.phases.append(Phase(name, start, start + seconds, seconds, facts))
+
+    def seconds(self, prefix: str) -> float:
+        return sum(p.seconds for p in self.phases if p.name.startswith(prefix))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("progress", None)
+        return out
