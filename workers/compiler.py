@@ -153,6 +153,10 @@ class PiecewiseBackend:
     def _runner_for(self, piece: Piece, args: Sequence[Any], real_by_id: dict[int, Any]) -> PieceRunner:
         if piece.is_splitting:
             return PieceRunner(piece.index, piece.module, returns_single=piece.returns_single, is_splitting=True)
+        if not self.config.use_inductor:
+            # use_inductor=False: the pieces run as traced (still split, still capturable).
+            return PieceRunner(piece.index, piece.module, returns_single=piece.returns_single,
+                               is_splitting=False, size_arg=size_index(args))
         key = structural_hash(piece.module, args, self.config_hash)
         general = self._get(
             piece, key, SYMBOLIC,

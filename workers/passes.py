@@ -22,7 +22,10 @@ from workers.pass_config import pass_identity
 log = logging.getLogger("kiln.passes")
 aten = torch.ops.aten
 
-_SAME_SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+_SAME_SHAPE_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+    aten.alias.default,
+}
 
 
 def _shape(node: Any) -> tuple[str, ...] | None:
@@ -33,7 +36,8 @@ def _shape(node: Any) -> tuple[str, ...] | None:
 
 
 def _is_full_slice(node: fx.Node) -> bool:
-    src, dim, start, end, step = (list(node.args) + [0, None, None, 1])[:5]
+    defaults = [None, 0, None, None, 1]  # aten.slice.Tensor(self, dim, start, end, step)
+    src, dim, start, end, step = list(node.args) + defaults[len(node.args):]
     src_shape = _shape(src)
     if src_shape is None or step != 1 or start not in (0, None):
         return False
@@ -43,7 +47,7 @@ def _is_full_slice(node: fx.Node) -> bool:
 
 
 class NoOpEliminationPass:
-    """Remove view/reshape/expand to the shape the tensor already has, and full slices.
+    """Remove view/reshape/expand/alias to the shape the tensor already has, and full slices.
 
     Dynamo graphs carry many of these (shape plumbing between layers); left in place they cost
     a node each in every piece and can hide fusion opportunities.
