@@ -10,6 +10,7 @@ import click
 
 from orchestrator.cli_cache import cache_group
 from orchestrator.cli_config import config_group
+from orchestrator.cli_warmup import warmup_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +21,7 @@ def main() -> None:
 
 main.add_command(config_group)
 main.add_command(cache_group)
+main.add_command(warmup_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from workers.artifacts import ArtifactError, compile_graph, load_graph
 from workers.compiler_factors import code_hash, codegen_env, compiler_factors
 from workers.passes import PostGradPassManager
 from workers.piecewise import PieceRunner, size_index
-from workers.record import CompileRecord
+from workers.record import CompileRecord, Phase
 from workers.split import Piece, split_graph
 from workers.structural_hash import structural_hash
 
@@ -115,6 +116,9 @@ class PiecewiseBackend:
         record.pieces_total += len(pieces)
         record.pieces_splitting += sum(p.is_splitting for p in pieces)
         record.pieces_compiled += sum(not p.is_splitting for p in pieces)
+        n_sizes = sum(isinstance(s, int) for s in self.config.compile_sizes or [])
+        self._progress_total = sum(not p.is_splitting for p in pieces) * (1 + n_sizes)
+        self._progress_done = 0
 
         self.entry = self._open_cache_entry(example_inputs)
         # Dynamo hands backends a fake mode of their own (sharing its shape env); fakify the
@@ -182,7 +186,18 @@ class PiecewiseBackend:
         if graph_key in self._done:
             record.memory_dedup_hits += 1
             self._note_index(piece, size, graph_key, None)
-            return self._done[graph_key]
+            fn = self._done[graph_key]
+        else:
+            fn = self._get_new(piece, graph_key, size, compile_fn)
+            self._done[graph_key] = fn
+        self._progress_done += 1
+        if record.progress is not None:
+            record.progress(f"piece {piece.index} size {size}", self._progress_done, self._progress_total)
+        return fn
+
+    def _get_new(self, piece: Piece, graph_key: str, size: int | str,
+                 compile_fn: Callable[[], tuple[Callable[..., Any], bytes]]) -> Callable[..., Any]:
+        record = self.record
         compiled: list[Callable[..., Any]] = []
 
         def compute() -> bytes:
@@ -198,9 +213,6 @@ class PiecewiseBackend:
             fn = compiled[-1]
         else:
             fn = self._get_cached(piece, graph_key, size, compute, compiled)
-        self._done[graph_key] = fn
-        if record.progress is not None:
-            record.progress(f"piece {piece.index} size {size}", len(self._done), 0)
         return fn
 
     def _get_cached(self, piece, graph_key, size, compute, compiled) -> Callable[..., Any]:
@@ -208,7 +220,12 @@ class PiecewiseBackend:
         assert entry is not None
         for _ in range(2):
             written_before = entry.stats.blobs_written
+            start = time.time()
             digest, data, computed = entry.get_or_compute(graph_key, compute)
+            if not computed and time.time() - start > 0.05:
+                # Another process held this graph's lock: we waited for its compile.
+                record.phases.append(Phase(f"wait piece {piece.index} size {size}", start, time.time(),
+                                           time.time() - start, {"graph_key": graph_key}))
             self._note_index(piece, size, graph_key, digest, len(data))
             if computed:
                 record.cache_misses += 1

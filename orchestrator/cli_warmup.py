@@ -1,0 +1,97 @@
+"""`kiln warmup MODEL --tp N --sizes 1,2,4 …`: fill the cache for a model and layout.
+
+Runs on an embedded local Ray cluster (127.0.0.1) unless --address names one, prints the
+per-rank table, optionally writes the JSON report and the Perfetto trace, and exits non-zero
+naming rank, phase and cause when a rank fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from orchestrator.cli_config import InvalidConfig, _resolve
+
+
+def _parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        sizes = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated positive integers, e.g. 1,2,4,8") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise click.BadParameter(f"{value!r}: expected comma-separated positive integers, e.g. 1,2,4,8")
+    return sizes
+
+
+def _parse_kwargs(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> dict:
+    out = {}
+    for item in value:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE, e.g. layers=4")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@click.command("warmup")
+@click.argument("model")
+@click.option("--tp", "tp_size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel size: one worker (GPU or CPU bundle) per rank.")
+@click.option("--sizes", callback=_parse_sizes, help="Batch sizes to compile and capture, e.g. 1,2,4,8.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="CompilationConfig JSON file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (repeatable).")
+@click.option("--model-arg", "model_kwargs", multiple=True, callback=_parse_kwargs, metavar="NAME=VALUE",
+              help="Keyword argument for the model factory (repeatable), e.g. layers=4.")
+@click.option("--cache-root", type=click.Path(file_okay=False), help="Cache root ($KILN_CACHE_ROOT or ~/.cache/kiln).")
+@click.option("--address", default=None, help="Ray cluster to attach to ('auto' or host:port); default: embedded.")
+@click.option("--placement", type=click.Choice(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]),
+              default="PACK", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of an embedded cluster.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Retry a failed warm-up this many times, reusing what the cache holds.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON run report here.")
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Write a Perfetto/Chrome trace here.")
+@click.option("--quiet", is_flag=True, help="No live progress.")
+def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, cache_root, address,
+                   placement, device, num_cpus, retries, report_path, trace_path, quiet) -> None:
+    """Compile MODEL ('pkg.module:factory' or 'path/file.py:factory') on every rank into the cache."""
+    from workers.model_spec import ModelSpecError, parse_model_spec
+
+    try:
+        parse_model_spec(model)
+    except ModelSpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="MODEL") from None
+    config = _resolve(config_file, overrides)
+
+    from orchestrator.driver import Orchestrator, WarmupError
+
+    try:
+        orch = Orchestrator(model, tp_size, config, cache_root, address, model_kwargs=model_kwargs,
+                            placement=placement, device=device, num_cpus=num_cpus, max_retries=retries,
+                            progress=not quiet)
+    except ValueError as exc:
+        raise InvalidConfig(str(exc)) from None
+    try:
+        with orch:
+            report = orch.warmup(sizes)
+    except WarmupError as exc:
+        for failure in exc.failures:
+            click.echo(f"kiln warmup failed: rank {failure['rank']}, phase {failure['phase']!r}: "
+                       f"{failure['cause']}", err=True)
+        sys.exit(1)
+    except (RuntimeError, ValueError, OSError) as exc:
+        click.echo(f"kiln warmup failed: {exc}", err=True)
+        sys.exit(1)
+    click.echo(report.table())
+    if report_path:
+        click.echo(f"report: {report.to_json(report_path)}")
+    if trace_path:
+        click.echo(f"trace:  {report.write_chrome_trace(trace_path)} (open in https://ui.perfetto.dev)")

@@ -1,0 +1,279 @@
+"""The driver API: `Orchestrator` fans a hashed config out to one worker per rank.
+
+    with Orchestrator("examples/toy_llama.py:build", tp_size=2, config=CompilationConfig()) as orch:
+        report = orch.warmup([1, 2, 4, 8])
+        logits = orch.run(input_ids, positions, seq_ids)
+
+`address=None` starts an embedded Ray cluster on 127.0.0.1; "auto" or an address attaches to a
+running one. Workers on one node share the cache root; ranks whose pieces are identical share
+one compile through the cache's compute-once locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from orchestrator.cluster import cluster_gpus, connect, reserve
+from orchestrator.progress import ProgressView
+from orchestrator.report import RunReport
+from workers.config import CompilationConfig
+from workers.model_spec import parse_model_spec
+from workers.worker import KilnWorker, WorkerFailure, local_factors
+
+log = logging.getLogger("kiln.driver")
+
+DEFAULT_SIZES = [1, 2, 4, 8]
+
+
+class WarmupError(RuntimeError):
+    """One or more ranks failed; `failures` lists rank, phase and cause of each."""
+
+    def __init__(self, failures: list[dict[str, Any]]):
+        self.failures = failures
+        lines = [f"rank {f['rank']} failed in phase {f['phase']!r}: {f['cause']}" for f in failures]
+        super().__init__("; ".join(lines))
+
+
+def driver_factors(device: str) -> dict[str, str]:
+    return local_factors(device)
+
+
+def _coerce_config(config: CompilationConfig | dict | str | None) -> CompilationConfig:
+    if config is None:
+        return CompilationConfig()
+    if isinstance(config, CompilationConfig):
+        return config
+    if isinstance(config, dict):
+        return CompilationConfig(**config)
+    return CompilationConfig.from_json(config)
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        model: str,
+        tp_size: int = 1,
+        config: CompilationConfig | dict | str | None = None,
+        cache_root: str | None = None,
+        address: str | None = None,
+        *,
+        model_kwargs: dict[str, Any] | None = None,
+        placement: str = "PACK",
+        device: str = "auto",
+        cpus_per_rank: float = 1,
+        num_cpus: int | None = None,
+        max_retries: int = 0,
+        progress: bool = True,
+        timeout_s: float = 1800,
+        placement_timeout_s: float = 120,
+    ):
+        if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
+            raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
+        if device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        parse_model_spec(model)
+        self.model = model
+        self.model_kwargs = dict(model_kwargs or {})
+        self.tp_size = tp_size
+        self.config = _coerce_config(config)
+        self.cache_root = cache_root if cache_root is not None else (self.config.cache_dir or None)
+        self.address = address
+        self.placement = placement
+        self.device_request = device
+        self.cpus_per_rank = cpus_per_rank
+        self.num_cpus = num_cpus
+        self.max_retries = max_retries
+        self.show_progress = progress
+        self.timeout_s = timeout_s
+        self.placement_timeout_s = placement_timeout_s
+        self.workers: list[Any] = []
+        self.pg: Any = None
+        self.cluster: Any = None
+        self.board: Any = None
+        self.nodes: list[dict[str, Any]] = []
+        self.orchestration: dict[str, float] = {}
+        self.device = "cpu"
+        self.started = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def start(self) -> None:
+        """Connect, reserve bundles, start workers and broadcast the config to them."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from workers.progress import ProgressBoard
+
+        if self.cluster is None:
+            self.cluster = connect(self.address, num_cpus=self.num_cpus)
+            self.orchestration["cluster_start"] = self.cluster.seconds
+        t0 = time.perf_counter()
+        gpus = cluster_gpus()
+        if self.device_request == "cuda" and gpus < 1:
+            raise RuntimeError("device='cuda' but the Ray cluster has no GPUs")
+        use_gpu = self.device_request != "cpu" and gpus >= 1
+        self.device = "cuda" if use_gpu else "cpu"
+        self.pg = reserve(self.tp_size, use_gpu, self.cpus_per_rank, self.placement, self.placement_timeout_s)
+        actor_cls = ray.remote(KilnWorker)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=self.cpus_per_rank, num_gpus=1 if use_gpu else 0, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+            ).remote(r, self.tp_size)
+            for r in range(self.tp_size)
+        ]
+        self.board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
+        self.nodes = self._gather([w.node_info.remote() for w in self.workers], "start")
+        port = self._gather([self.workers[0].free_port.remote()], "start")[0]
+        self.orchestration["actors_ready"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        payload = {
+            "config_json": self.config.to_json(indent=None),
+            "config_hash": self.config.compute_hash(),
+            "model": self.model, "model_kwargs": self.model_kwargs,
+            "device": self.device, "driver_factors": driver_factors(self.device),
+            "master_addr": self.nodes[0]["node"], "master_port": port,
+            "cache_root": self.cache_root, "progress": self.board, "timeout_s": self.timeout_s,
+        }
+        self._gather([w.setup.remote(payload) for w in self.workers], "setup")
+        self.orchestration["broadcast"] = time.perf_counter() - t1
+        self.started = True
+
+    def _teardown_workers(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in [*self.workers, *([self.board] if self.board is not None else [])]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.workers, self.board = [], None
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+        self.started = False
+
+    def shutdown(self) -> None:
+        """Stop the workers; stop the cluster too if kiln started it."""
+        import ray
+
+        if self.workers or self.pg is not None:
+            try:
+                self._gather([w.exit.remote() for w in self.workers], "shutdown", timeout=30)
+            except Exception:
+                pass
+            self._teardown_workers()
+        if self.cluster is not None and self.cluster.started_here and ray.is_initialized():
+            ray.shutdown()
+        self.cluster = None
+
+    # ---- waiting on all ranks -----------------------------------------------------------------
+
+    def _gather(self, refs: list[Any], phase: str, timeout: float | None = None,
+                view: ProgressView | None = None) -> list[Any]:
+        """Results of one call per rank, in rank order. The first failure kills every rank
+        (peers would otherwise wait forever in a collective) and raises WarmupError."""
+        import ray
+
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            if view is not None and self.board is not None:
+                try:
+                    view.show(ray.get(self.board.snapshot.remote(), timeout=5))
+                except Exception:
+                    pass
+            for ref in ready:
+                rank = index[ref]
+                try:
+                    results[rank] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001
+                    failure = self._describe_failure(rank, phase, exc)
+                    self._teardown_workers()
+                    raise WarmupError([failure]) from None
+            if deadline is not None and time.monotonic() > deadline:
+                self._teardown_workers()
+                raise WarmupError([{"rank": index[r], "phase": phase, "cause": f"no answer within {timeout} s"}
+                                   for r in pending])
+        return results
+
+    def _describe_failure(self, rank: int, phase: str, exc: BaseException) -> dict[str, Any]:
+        import ray
+
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, WorkerFailure):
+            return {"rank": cause.rank, "phase": cause.phase, "cause": f"{cause.cause_type}: {cause.message}",
+                    "traceback": cause.tb}
+        if isinstance(exc, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError):
+            last = None
+            try:
+                last = ray.get(self.board.snapshot.remote(), timeout=5).get(rank) if self.board else None
+            except Exception:
+                pass
+            where = f"{phase} ({last['what']})" if last else phase
+            return {"rank": rank, "phase": where,
+                    "cause": "worker process died (killed, out of memory, or its node was lost)"}
+        return {"rank": rank, "phase": phase, "cause": f"{type(exc).__name__}: {exc}"}
+
+    # ---- the work -----------------------------------------------------------------------------
+
+    def warmup(self, sizes: list[int] | None = None) -> RunReport:
+        """Compile (or load) and capture on every rank; returns the merged run report."""
+        if sizes is not None:
+            bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
+            if bad or not sizes:
+                raise ValueError(f"sizes must be a non-empty list of positive integers, got {sizes!r}")
+            self.config = self.config.model_copy(update={"cudagraph_capture_sizes": sorted(set(sizes))})
+        run_sizes = list(self.config.cudagraph_capture_sizes or DEFAULT_SIZES)
+        attempts: list[dict[str, Any]] = []
+        started_at = time.time()
+        t0 = time.perf_counter()
+        for attempt in range(self.max_retries + 1):
+            try:
+                if not self.started:
+                    self.start()
+                view = ProgressView(self.tp_size, enabled=self.show_progress)
+                reports = self._gather([w.warmup.remote(run_sizes) for w in self.workers], "warmup", view=view)
+                view.close()
+                break
+            except WarmupError as exc:
+                attempts.extend(exc.failures)
+                if attempt == self.max_retries:
+                    raise
+                log.warning("warm-up attempt %d failed (%s); retrying with what the cache holds", attempt + 1, exc)
+        return RunReport.merge(
+            reports, config_hash=self.config.compute_hash(), cache_root=str(self.cache_root or ""),
+            model=self.model, tp_size=self.tp_size, sizes=run_sizes, wall_seconds=time.perf_counter() - t0,
+            orchestration=dict(self.orchestration), started_at=started_at, failures=attempts)
+
+    def run(self, *inputs: Any, decode: bool | None = None) -> Any:
+        """One forward on every rank; returns rank 0's output (a CPU tensor)."""
+        if not self.started:
+            raise RuntimeError("run() needs a warm-up first: call warmup()")
+        return self._gather([w.run.remote(list(inputs), decode) for w in self.workers], "run")[0]
+
+    def reset_cache(self) -> None:
+        """Zero every rank's KV cache (models that have one)."""
+        self._gather([w.reset_cache.remote() for w in self.workers], "reset_cache")
+
+    def time_decode(self, batch: int, steps: int = 50) -> list[dict[str, float]]:
+        """Per-rank median decode-step latency at `batch` (all ranks step together)."""
+        return self._gather([w.time_decode.remote(batch, steps) for w in self.workers], "time_decode")

@@ -1,0 +1,389 @@
+"""The run report: per-rank worker reports merged into one record of where startup time went.
+
+Workers each return a JSON-able dict (phases with start/end times, cache counters, errors). The
+driver merges them into a `RunReport`, which renders three ways: a fixed-width table for the
+terminal, a JSON file (loadable again with `RunReport.from_json`), and a Chrome-trace timeline
+with one track per rank that Perfetto and chrome://tracing open.
+
+Pure stdlib on purpose: `kiln` subcommands that only read or print reports must not pay for
+importing torch or ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+# Counters summed over ranks by RunReport.totals(); a failed rank may lack any of them.
+COUNTERS = (
+    "inductor_compiles",
+    "cache_hits",
+    "cache_misses",
+    "artifacts_saved",
+    "artifacts_loaded",
+    "bytes_saved",
+    "bytes_loaded",
+    "memory_dedup_hits",
+)
+
+PHASE_KINDS = ("trace", "compile", "load", "capture", "other")
+REPORT_VERSION = 1
+MIB = 1 << 20
+
+
+class ReportError(OSError):
+    """A report file could not be written or read; the message names the path."""
+
+
+def phase_kind(name: str) -> str:
+    """Classify a phase name as one of PHASE_KINDS (the table columns and trace categories)."""
+    if name in ("dynamo_trace", "split"):
+        return "trace"
+    if name.startswith("compile piece"):
+        return "compile"
+    if name.startswith("load piece"):
+        return "load"
+    if name.startswith("capture"):
+        return "capture"
+    return "other"
+
+
+def phase_seconds(rank_report: dict, kind: str) -> float:
+    """Total seconds a rank spent in phases of `kind` (one of PHASE_KINDS)."""
+    if kind not in PHASE_KINDS:
+        raise ValueError(f"unknown phase kind {kind!r}; expected one of {', '.join(PHASE_KINDS)}")
+    return sum(_duration(p) for p in rank_report.get("phases") or () if phase_kind(p.get("name", "")) == kind)
+
+
+def _duration(phase: dict) -> float:
+    """A phase's seconds, falling back to end - start when the worker did not record them."""
+    seconds = phase.get("seconds")
+    if seconds is None and phase.get("start") is not None and phase.get("end") is not None:
+        seconds = phase["end"] - phase["start"]
+    return float(seconds or 0.0)
+
+
+def _normalize_rank(report: dict) -> dict:
+    """A copy of a worker report with the keys every consumer reads filled in, so that a rank
+    that died half-way renders like the others (zeros, no phases) instead of raising KeyError."""
+    out = json.loads(json.dumps(report, default=str))  # deep copy that also proves JSON-ability
+    for name in COUNTERS:
+        out[name] = out.get(name) or 0
+    out.setdefault("node", None)
+    out.setdefault("error", None)
+    out["phases"] = [_normalize_phase(p) for p in out.get("phases") or ()]
+    out["warnings"] = list(out.get("warnings") or ())
+    return out
+
+
+def _normalize_phase(phase: dict) -> dict:
+    """A phase with name/start/end/seconds/extra all present (end and seconds derived if absent)."""
+    start, end = phase.get("start"), phase.get("end")
+    seconds = _duration(phase)
+    if end is None and start is not None:
+        end = start + seconds
+    return {"name": str(phase.get("name", "?")), "start": start, "end": end, "seconds": seconds,
+            "extra": dict(phase.get("extra") or {})}
+
+
+def _failure_from_error(rank: int | None, error: dict) -> dict:
+    """The failures-list entry for a worker's `error` field."""
+    kind, message = error.get("type") or "Error", error.get("message")
+    cause = f"{kind}: {message}" if message else kind
+    return {"rank": rank, "phase": error.get("phase"), "cause": cause}
+
+
+def _failure_sort_key(f: dict) -> tuple:
+    # Driver-level failures (rank None) go last; str() keeps None phases comparable.
+    return (f.get("rank") is None, f.get("rank") or 0, str(f.get("phase")), str(f.get("cause")))
+
+
+def _rank_number(report: dict) -> int:
+    """A report's rank for sorting; -1 where a broken report lacks one."""
+    rank = report.get("rank")
+    return rank if isinstance(rank, int) else -1
+
+
+def _common_cache_key(ranks: list[dict]) -> str:
+    """The ranks' shared cache key, "mixed" if they disagree, "" if none reported one. Ranks that
+    died before computing a key do not count as disagreeing."""
+    keys = {r["cache_key"] for r in ranks if r.get("cache_key")}
+    if len(keys) > 1:
+        return "mixed"
+    return keys.pop() if keys else ""
+
+
+@dataclass
+class RunReport:
+    """One warm-up run: driver-side facts plus every rank's worker report (sorted by rank)."""
+
+    config_hash: str
+    cache_key: str
+    cache_root: str
+    model: str
+    tp_size: int
+    sizes: list[int]
+    wall_seconds: float
+    orchestration: dict[str, float]
+    ranks: list[dict]
+    failures: list[dict] = field(default_factory=list)
+    started_at: float = 0.0
+
+    phase_seconds = staticmethod(phase_seconds)
+
+    @classmethod
+    def merge(cls, worker_reports: Iterable[dict], *, config_hash: str, cache_root: str, model: str,
+              tp_size: int, sizes: Iterable[int], wall_seconds: float, orchestration: dict[str, float],
+              started_at: float, failures: Iterable[dict] = ()) -> RunReport:
+        """Merge the workers' reports. `failures` adds what no worker could report itself (an
+        actor that died, a timeout); each worker's own `error` is added here, duplicates dropped."""
+        ranks = sorted((_normalize_rank(r) for r in worker_reports), key=_rank_number)
+        found = [_failure_from_error(r.get("rank"), r["error"]) for r in ranks if r["error"]]
+        # One entry per (rank, phase, cause); a duplicate's extra keys (a traceback) are kept.
+        unique: dict[tuple, dict] = {}
+        for f in [*found, *failures]:
+            key = (f.get("rank"), str(f.get("phase")), str(f.get("cause")))
+            unique.setdefault(key, {}).update(f)
+        return cls(
+            config_hash=config_hash,
+            cache_key=_common_cache_key(ranks),
+            cache_root=str(cache_root),
+            model=model,
+            tp_size=int(tp_size),
+            sizes=sorted(int(s) for s in sizes),
+            wall_seconds=float(wall_seconds),
+            # Insertion order kept: the driver records its steps in the order they happened.
+            orchestration={k: float(v) for k, v in orchestration.items()},
+            ranks=ranks,
+            failures=sorted(unique.values(), key=_failure_sort_key),
+            started_at=float(started_at),
+        )
+
+    @property
+    def ok(self) -> bool:
+        """True when no rank and no driver step failed."""
+        return not self.failures
+
+    def totals(self) -> dict:
+        """Counters summed over ranks, plus the slowest rank's wall_seconds."""
+        out: dict[str, Any] = {name: sum(r.get(name) or 0 for r in self.ranks) for name in COUNTERS}
+        out["wall_seconds"] = max((float(r.get("wall_seconds") or 0.0) for r in self.ranks), default=0.0)
+        return out
+
+    # -- JSON ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """The report as plain JSON-able data; `totals` is derived and ignored by from_dict."""
+        data = dataclasses.asdict(self)
+        data["totals"] = self.totals()
+        data["version"] = REPORT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunReport:
+        """Inverse of to_dict; unknown keys (from a newer kiln) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON to `path`, atomically; returns the path."""
+        return _atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> RunReport:
+        """Load a report written by to_json."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ReportError(f"cannot read run report {os.fspath(path)}: {exc}") from exc
+
+    # -- terminal table -----------------------------------------------------------------------
+
+    def table(self) -> str:
+        """A fixed-width table (one row per rank, then TOTAL) followed by a short footer.
+
+        The TOTAL row sums phase seconds over ranks (work done, not elapsed time) and shows the
+        slowest rank's wall seconds; the footer gives the run's own wall time."""
+        header = ["rank", "node", "device", "trace s", "compile s", "load s", "capture s",
+                  "compiles", "hits", "misses", "saved MiB", "loaded MiB", "wall s"]
+        rows = [self._table_row(r) for r in self.ranks]
+        rows.append(self._total_row())
+        return "\n".join([*_render_columns(header, rows), *self._footer()])
+
+    def _table_row(self, r: dict) -> list[str]:
+        # A trailing "!" marks a failed rank; the footer says why.
+        rank = f"{r.get('rank', '?')}{'!' if r.get('error') else ''}"
+        return [rank, str(r.get("node") or "?"), short_device(r.get("device")),
+                *(f"{phase_seconds(r, k):.2f}" for k in ("trace", "compile", "load", "capture")),
+                str(r["inductor_compiles"]), str(r["cache_hits"]), str(r["cache_misses"]),
+                f"{r['bytes_saved'] / MIB:.2f}", f"{r['bytes_loaded'] / MIB:.2f}",
+                f"{float(r.get('wall_seconds') or 0.0):.2f}"]
+
+    def _total_row(self) -> list[str]:
+        t = self.totals()
+        kinds = ("trace", "compile", "load", "capture")
+        seconds = [sum(phase_seconds(r, k) for r in self.ranks) for k in kinds]
+        return ["TOTAL", "", "", *(f"{s:.2f}" for s in seconds),
+                str(t["inductor_compiles"]), str(t["cache_hits"]), str(t["cache_misses"]),
+                f"{t['bytes_saved'] / MIB:.2f}", f"{t['bytes_loaded'] / MIB:.2f}", f"{t['wall_seconds']:.2f}"]
+
+    def _footer(self) -> list[str]:
+        overhead = sum(self.orchestration.values())
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in self.orchestration.items())
+        lines = [
+            f"config hash: {self.config_hash}",
+            f"cache key:   {self.cache_key or '-'}",
+            f"cache root:  {self.cache_root}",
+            f"wall time:   {self.wall_seconds:.2f} s"
+            f" (orchestration {overhead:.2f} s{': ' + parts if parts else ''})",
+        ]
+        lines += [f"cudagraphs:  {status} (ranks {_rank_list(ranks)})"
+                  for status, ranks in self._cudagraph_groups().items()]
+        warnings = Counter(w for r in self.ranks for w in r.get("warnings") or ())
+        lines += [f"warning{f' (x{n})' if n > 1 else ''}: {w}" for w, n in sorted(warnings.items())]
+        for f in self.failures:
+            where = f"rank {f['rank']}" if f.get("rank") is not None else "driver"
+            phase = f" in {f['phase']}" if f.get("phase") else ""
+            lines.append(f"FAILED {where}{phase}: {f.get('cause')}")
+        return lines
+
+    def _cudagraph_groups(self) -> dict[str, list]:
+        """Distinct cudagraph status lines → ranks reporting them, in order of first rank."""
+        groups: dict[str, list] = {}
+        for r in self.ranks:
+            status = str(r.get("cudagraphs") or "unknown")
+            # Workers prefix the line with "cudagraphs:" themselves; the footer has its own label.
+            status = status.removeprefix("cudagraphs:").strip()
+            groups.setdefault(status, []).append(r.get("rank", "?"))
+        return groups
+
+    # -- Chrome trace -------------------------------------------------------------------------
+
+    def chrome_trace(self) -> dict:
+        """The run as a Chrome-trace JSON object: one process per node, one thread per rank, one
+        complete event per phase; times in microseconds from the earliest phase start."""
+        origin = min((p["start"] for r in self.ranks for p in r["phases"] if p.get("start") is not None),
+                     default=0.0)
+        pids: dict[str, int] = {}
+        meta: list[dict] = []
+        events: list[dict] = []
+        for r in self.ranks:
+            node = str(r.get("node") or r.get("node_id") or "?")
+            if node not in pids:
+                pids[node] = len(pids)
+                meta += _process_meta(pids[node], node)
+            pid, tid = pids[node], _rank_number(r)
+            meta += _thread_meta(pid, tid, r)
+            events += _phase_events(pid, tid, r["phases"], origin)
+            if r.get("error"):
+                events.append(_error_event(pid, tid, r, origin))
+        events.sort(key=lambda e: (e["pid"], e["tid"], e["ts"]))
+        return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
+
+    def write_chrome_trace(self, path: str | os.PathLike) -> Path:
+        """Write chrome_trace() to `path`, atomically; returns the path."""
+        return _atomic_write_json(path, self.chrome_trace())
+
+
+def short_device(device: str | None) -> str:
+    """"cuda:0 NVIDIA H100 80GB HBM3" → "cuda:0 H100 80GB": index plus model, vendor dropped."""
+    if not device:
+        return "?"
+    words = [w for w in str(device).split() if w not in ("NVIDIA", "GeForce")]
+    return " ".join(words[:3])
+
+
+def _render_columns(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a fixed-width table: text columns (the first three) left-aligned, numbers right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        padded = (c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
+
+    rule = "-" * len(line(["-" * w for w in widths]))
+    return [line(header), rule, *(line(r) for r in rows[:-1]), rule, line(rows[-1])]
+
+
+def _rank_list(ranks: list) -> str:
+    return ",".join(str(r) for r in ranks)
+
+
+def _us(seconds: float) -> float:
+    # Rounded to nanoseconds so the trace is byte-for-byte stable across float noise.
+    return round(seconds * 1e6, 3)
+
+
+def _process_meta(pid: int, node: str) -> list[dict]:
+    return [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": f"node {node}"}},
+            {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
+
+
+def _thread_meta(pid: int, tid: int, r: dict) -> list[dict]:
+    label = f"rank {r.get('rank', '?')} ({r.get('device') or '?'})"
+    return [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}},
+            {"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}}]
+
+
+def _phase_events(pid: int, tid: int, phases: list[dict], origin: float) -> list[dict]:
+    """Complete ("X") events for phases that have a start time; others cannot be placed."""
+    return [{"name": p["name"], "cat": phase_kind(p["name"]), "ph": "X", "pid": pid, "tid": tid,
+             "ts": _us(p["start"] - origin), "dur": max(1.0, _us(p["seconds"])), "args": p["extra"]}
+            for p in phases if p.get("start") is not None]
+
+
+def _error_event(pid: int, tid: int, r: dict, origin: float) -> dict:
+    """A thread-scoped instant event at the end of the rank's last placed phase (where it died)."""
+    ends = [p["end"] for p in r["phases"] if p.get("end") is not None]
+    ts = _us(max(ends) - origin) if ends else 0.0
+    err = r["error"]
+    return {"name": f"error: {err.get('type') or 'Error'}", "cat": "error", "ph": "i", "s": "t",
+            "pid": pid, "tid": tid, "ts": max(ts, 0.0),
+            "args": {k: err.get(k) for k in ("phase", "message", "traceback") if err.get(k) is not None}}
+
+
+def _atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as JSON to `path` through a temporary file in the same directory and
+    os.replace, so a reader never sees half a file; parent directories are created."""
+    path = Path(path)
+    _make_parent(path)
+    # Keys in insertion order (fields as declared, orchestration steps as run): already stable.
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        # O_EXCL: never write into a file someone else created under our temporary name.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        # BaseException too: Ctrl-C mid-write must not leave the temporary file behind.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, ReportError):
+            raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+    return path
+
+
+def _make_parent(path: Path) -> None:
+    """Create the parent directories of `path`, or explain which ancestor is in the way."""
+    for ancestor in [path.parent, *path.parent.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ReportError(f"cannot write {path}: {ancestor} exists and is not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot write {path}: cannot create {path.parent}: {exc.strerror or exc}") from exc

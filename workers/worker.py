@@ -1,0 +1,269 @@
+"""The per-rank worker: one Ray actor per GPU (or CPU bundle).
+
+The driver sends (config JSON, config hash, model spec, rank, world size, rendezvous address,
+its own toolchain factors). The worker recomputes the hash and compares the factors, refusing
+to run on any difference; joins torch.distributed (NCCL on GPU, gloo on CPU); builds its model
+shard; compiles (or loads) and captures; and returns a report. Any exception leaves as one
+`WorkerFailure` naming the rank, the phase it happened in, and the cause.
+
+The class is plain Python; the driver wraps it with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from workers.compiler_factors import kiln_version
+
+
+class WorkerFailure(RuntimeError):
+    """A rank failed: which rank, in which phase, and why (picklable across Ray)."""
+
+    def __init__(self, rank: int, phase: str, cause_type: str, message: str, tb: str = ""):
+        super().__init__(f"rank {rank} failed in phase {phase!r}: {cause_type}: {message}")
+        self.rank, self.phase, self.cause_type, self.message, self.tb = rank, phase, cause_type, message, tb
+
+    def __reduce__(self):
+        return (WorkerFailure, (self.rank, self.phase, self.cause_type, self.message, self.tb))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "phase": self.phase, "type": self.cause_type,
+                "message": self.message, "traceback": self.tb}
+
+
+class SkewError(RuntimeError):
+    """The worker's toolchain or config differs from the driver's."""
+
+
+def local_factors(device_type: str) -> dict[str, str]:
+    """What must agree between driver and workers before any compile is shared."""
+    return {
+        "torch": torch.__version__,
+        "kiln": kiln_version(),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "device": device_type,
+    }
+
+
+class KilnWorker:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.phase = "start"
+        self.kiln: Any = None
+        self.model: Any = None
+        self.report: dict[str, Any] = {}
+        self.started = time.time()
+
+    # ---- small queries the driver makes before set-up ----------------------------------------
+
+    def node_info(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "rank": self.rank,
+            "node": ray.util.get_node_ip_address(),
+            "node_id": ctx.get_node_id()[:12],
+            "pid": os.getpid(),
+            "hostname": platform.node(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_available": torch.cuda.is_available(),
+            "visible_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        }
+
+    def free_port(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    # ---- the warm-up ------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> WorkerFailure:
+        if isinstance(exc, WorkerFailure):
+            return exc
+        return WorkerFailure(self.rank, self.phase, type(exc).__name__, str(exc), traceback.format_exc())
+
+    def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Check skew, join the process group, build the shard. Returns node facts."""
+        try:
+            return self._setup(payload)
+        except BaseException as exc:  # noqa: BLE001 - everything leaves as a WorkerFailure
+            raise self._fail(exc) from None
+
+    def _setup(self, p: dict[str, Any]) -> dict[str, Any]:
+        from cache import CacheStore
+        from workers.config import CompilationConfig
+        from workers.custom_ops import building_with
+        from workers.model_spec import build_model
+        from workers.parallel import set_tp_state
+        from workers.record import CompileRecord
+
+        self.phase = "verify"
+        use_cuda = p["device"] == "cuda"
+        if use_cuda and not torch.cuda.is_available():
+            raise SkewError("device differs: the driver placed this rank on a GPU, but torch here sees no CUDA")
+        mine = local_factors("cuda" if use_cuda else "cpu")
+        for name, theirs in p["driver_factors"].items():
+            if mine.get(name) != theirs:
+                raise SkewError(f"{name} differs: driver has {theirs!r}, this worker has {mine.get(name)!r}; "
+                                "refusing to compile (artifacts would not be interchangeable)")
+        config = CompilationConfig.from_json(p["config_json"])
+        if config.compute_hash() != p["config_hash"]:
+            raise SkewError(f"config differs: driver hash {p['config_hash']}, worker hash "
+                            f"{config.compute_hash()} for the same JSON (kiln version skew between nodes?)")
+        self.config = config
+
+        self.record = CompileRecord()
+        with self.record.phase("init_process_group") as facts:
+            self.phase = "init_process_group"
+            device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+            if use_cuda:
+                torch.cuda.set_device(device)
+            backend = "nccl" if use_cuda else "gloo"
+            if self.world_size > 1:
+                import torch.distributed as dist
+
+                dist.init_process_group(
+                    backend, init_method=f"tcp://{p['master_addr']}:{p['master_port']}",
+                    rank=self.rank, world_size=self.world_size,
+                    timeout=datetime.timedelta(seconds=p.get("timeout_s", 1800)),
+                    **({"device_id": device} if use_cuda else {}))
+            set_tp_state(self.world_size, self.rank)
+            facts["backend"] = backend
+        self.dist_backend = backend
+        self.device = device
+
+        with self.record.phase("build_model"):
+            self.phase = "build_model"
+            with building_with(config), torch.device(device):
+                self.model = build_model(p["model"], p.get("model_kwargs") or {}, tuple(p.get("search_dirs", ())))
+
+        self.phase = "open_cache"
+        root = p.get("cache_root")
+        if root:
+            import ray
+
+            root = root.replace("{node}", ray.get_runtime_context().get_node_id()[:12])
+        self.store = CacheStore(root or None)
+        self.progress = p.get("progress")
+        self.phase = "ready"
+        return {"device": self._device_name(), "dist_backend": backend}
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda:{self.device.index} {torch.cuda.get_device_name(self.device)}"
+        return "cpu"
+
+    def warmup(self, sizes: list[int]) -> dict[str, Any]:
+        try:
+            return self._warmup(sizes)
+        except BaseException as exc:  # noqa: BLE001
+            raise self._fail(exc) from None
+
+    def _warmup(self, sizes: list[int]) -> dict[str, Any]:
+        from workers.runner import KilnModel
+
+        record, config = self.record, self.config
+        if self.progress is not None:
+            board, rank = self.progress, self.rank
+
+            def post(what: str, done: int, total: int) -> None:
+                self.phase = f"compile {what}"
+                board.update.remote(rank, what, done, total)
+
+            record.progress = post
+        self.phase = "compile"
+        self.kiln = KilnModel(self.model, config, store=self.store, rank=self.rank, record=record)
+        self.kiln.compile(sizes)
+        if hasattr(self.model, "reset_cache"):
+            self.model.reset_cache()
+        self.phase = "report"
+        self.report = self._report()
+        self.phase = "ready"
+        return self.report
+
+    def _report(self) -> dict[str, Any]:
+        import ray
+
+        rec = self.record.to_dict()
+        config = self.config
+        capture = next((p for p in rec["phases"] if p["name"] == "capture"), None)
+        return {
+            **{k: rec[k] for k in (
+                "inductor_compiles", "cache_hits", "cache_misses", "artifacts_saved", "artifacts_loaded",
+                "bytes_saved", "bytes_loaded", "memory_dedup_hits", "pieces_total", "pieces_splitting",
+                "pieces_compiled", "unique_pieces", "traced_files", "warnings", "phases",
+                "cache_key", "cache_dir")},
+            "rank": self.rank, "world_size": self.world_size,
+            "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id()[:12],
+            "pid": os.getpid(), "device": self._device_name(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "dist_backend": self.dist_backend,
+            "config_hash": config.compute_hash(),
+            "cudagraphs": self.kiln.cudagraph_status if self.kiln else "off",
+            "capture": capture["extra"] if capture else None,
+            "capture_stats": [vars(s) for s in (self.kiln.pool.stats if self.kiln and self.kiln.pool else [])],
+            "custom_ops": {"enabled": dict(config.enabled_custom_ops), "disabled": dict(config.disabled_custom_ops)},
+            "wall_seconds": time.time() - self.started,
+            "error": None,
+        }
+
+    # ---- forward on all ranks ---------------------------------------------------------------
+
+    def run(self, inputs: list[Any], decode: bool | None = None) -> Any:
+        try:
+            self.phase = "run"
+            if self.kiln is None:
+                raise RuntimeError("run() before warmup(): nothing is compiled yet")
+            args = [t.to(self.device) if isinstance(t, torch.Tensor) else t for t in inputs]
+            with torch.no_grad():
+                out = self.kiln(*args, decode=decode)
+            self.phase = "ready"
+            return out.cpu() if self.rank == 0 else None
+        except BaseException as exc:  # noqa: BLE001
+            raise self._fail(exc) from None
+
+    def reset_cache(self) -> None:
+        if hasattr(self.model, "reset_cache"):
+            self.model.reset_cache()
+
+    def time_decode(self, batch: int, steps: int = 50, warmup: int = 10) -> dict[str, float]:
+        """Median latency of a decode step of `batch` sequences on this rank (CUDA events)."""
+        import statistics
+
+        inputs = self.model.example_inputs(batch)
+        times = []
+        with torch.no_grad():
+            for i in range(warmup + steps):
+                if self.device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    self.kiln(*inputs, decode=True)
+                    end.record()
+                    end.synchronize()
+                    ms = start.elapsed_time(end)
+                else:
+                    t0 = time.perf_counter()
+                    self.kiln(*inputs, decode=True)
+                    ms = (time.perf_counter() - t0) * 1e3
+                if i >= warmup:
+                    times.append(ms)
+        return {"batch": batch, "median_ms": statistics.median(times), "min_ms": min(times)}
+
+    def exit(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
