@@ -196,19 +196,19 @@ class ToyLlama(nn.Module):
         """Fill value per input for padding rows: they write only to the spare KV-cache slot."""
         return (0, 0, self.pad_slot)
 
+    def is_decode_batch(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor) -> bool:
+        """The one definition of a decode batch for this model: every sequence in the batch adds
+        exactly one token (the seq_ids are all distinct). Prefill and mixed batches are the rest.
+        Costs a device-to-host sync; callers that know say `decode=True/False` instead."""
+        return bool(torch.unique(seq_ids).numel() == seq_ids.numel())
+
     def reset_cache(self) -> None:
         for layer in self.layers:
             layer.attn.k_cache.zero_()
             layer.attn.v_cache.zero_()
 
 
-def is_decode_batch(positions: torch.Tensor, seq_ids: torch.Tensor) -> bool:
-    """The one definition of a decode batch for this model: every sequence in the batch adds
-    exactly one token (the seq_ids are all distinct). Prefill and mixed batches are the rest.
-    Costs a device-to-host sync; the runner lets callers say `decode=True` instead."""
-    return bool(torch.unique(seq_ids).numel() == seq_ids.numel())
-
-
 def build(**kwargs) -> ToyLlama:
     """Factory for kiln model specs (`examples/toy_llama.py:build`); kwargs go to ToyLlamaConfig."""
-    return ToyLlama(ToyLlamaConfig(**kwargs)).eval()
+    cfg = ToyLlamaConfig(**kwargs)
+    return ToyLlama(cfg).to(cfg.device).eval()  # .to(): buffers built on the CPU (rotary table)

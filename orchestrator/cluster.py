@@ -27,7 +27,8 @@ class Cluster:
     """Time to start or attach."""
 
 
-def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> Cluster:
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None,
+            runtime_env: dict[str, Any] | None = None) -> Cluster:
     import ray
 
     t0 = time.perf_counter()
@@ -45,7 +46,10 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
         # Ray ships the driver's working directory to local workers' sys.path already.
         ray.init(**kwargs)
         return Cluster(True, time.perf_counter() - t0)
-    ray.init(address=address, log_to_driver=True, logging_level="warning")
+    # runtime_env (e.g. {"working_dir": …}) ships the model's code to every node; inside a
+    # `ray job submit --working-dir` job the job's own runtime env already does that.
+    ray.init(address=address, log_to_driver=True, logging_level="warning",
+             **({"runtime_env": runtime_env} if runtime_env else {}))
     return Cluster(False, time.perf_counter() - t0)
 
 

@@ -68,6 +68,7 @@ class Orchestrator:
         progress: bool = True,
         timeout_s: float = 1800,
         placement_timeout_s: float = 120,
+        runtime_env: dict[str, Any] | None = None,
     ):
         if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
@@ -90,6 +91,7 @@ class Orchestrator:
         self.show_progress = progress
         self.timeout_s = timeout_s
         self.placement_timeout_s = placement_timeout_s
+        self.runtime_env = runtime_env
         self.workers: list[Any] = []
         self.pg: Any = None
         self.cluster: Any = None
@@ -115,7 +117,7 @@ class Orchestrator:
         from workers.progress import ProgressBoard
 
         if self.cluster is None:
-            self.cluster = connect(self.address, num_cpus=self.num_cpus)
+            self.cluster = connect(self.address, num_cpus=self.num_cpus, runtime_env=self.runtime_env)
             self.orchestration["cluster_start"] = self.cluster.seconds
         t0 = time.perf_counter()
         gpus = cluster_gpus()

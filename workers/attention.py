@@ -33,16 +33,15 @@ def attention(
     hkv = k.shape[1]
     k_cache[seq_ids, positions] = k
     v_cache[seq_ids, positions] = v
-    keys = k_cache[seq_ids]  # [N, L, Hkv, D]
-    values = v_cache[seq_ids]  # [N, L, Hkv, D]
-    max_len = keys.shape[1]
-    qg = q.view(n, hkv, hq // hkv, d).float()  # [N, Hkv, G, D]
-    scores = torch.einsum("nkgd,nlkd->nkgl", qg, keys.float()) * scale  # [N, Hkv, G, L]
-    visible = torch.arange(max_len, device=q.device)[None, :] <= positions[:, None]  # [N, L]
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = torch.einsum("nkgl,nlkd->nkgd", probs, values.float())  # [N, Hkv, G, D]
-    return out.reshape(n, hq, d).to(q.dtype)
+    keys = k_cache[seq_ids].transpose(1, 2)  # [N, Hkv, L, D]
+    values = v_cache[seq_ids].transpose(1, 2)  # [N, Hkv, L, D]
+    max_len = keys.shape[2]
+    visible = torch.arange(max_len, device=q.device) <= positions[:, None]  # [N, L]
+    # Each token is a batch of its own: its G = Hq/Hkv query heads per kv head attend to the
+    # L cached positions of its sequence, masked to 0..position (few kernels: one fused SDPA).
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(n, hkv, hq // hkv, d), keys, values, attn_mask=visible[:, None, None, :], scale=scale)
+    return out.reshape(n, hq, d)  # [N, Hq, D]
 
 
 @attention.register_fake

@@ -63,6 +63,16 @@ def _concrete(value: Any, size: int) -> int:
     return int(value)
 
 
+def _files_in_stack_traces(gm: fx.GraphModule) -> set[str]:
+    files: set[str] = set()
+    for node in gm.graph.nodes:
+        for line in (node.meta.get("stack_trace") or "").splitlines():
+            line = line.strip()
+            if line.startswith('File "'):
+                files.add(line[len('File "'):].split('"', 1)[0])
+    return files
+
+
 def concrete_inputs(fake_args: Sequence[Any], size: int, real_by_id: dict[int, Any]) -> list[Any]:
     """Inputs for compiling a piece at a static batch size: real graph inputs where the piece
     takes them unchanged (weights), zero tensors of the concrete shape elsewhere."""
@@ -120,7 +130,7 @@ class PiecewiseBackend:
         self._progress_total = sum(not p.is_splitting for p in pieces) * (1 + n_sizes)
         self._progress_done = 0
 
-        self.entry = self._open_cache_entry(example_inputs)
+        self.entry = self._open_cache_entry(gm, example_inputs)
         # Dynamo hands backends a fake mode of their own (sharing its shape env); fakify the
         # real inputs in it, which keeps their symbolic batch dimension.
         fake_mode = torch._guards.TracingContext.get().fake_mode
@@ -257,9 +267,11 @@ class PiecewiseBackend:
 
     # ---- set-up -------------------------------------------------------------------------------
 
-    def _open_cache_entry(self, example_inputs: Sequence[Any]) -> CacheEntry | None:
-        traced = torch._guards.TracingContext.get().traced_code or []
+    def _open_cache_entry(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CacheEntry | None:
+        traced = getattr(torch._guards.TracingContext.get(), "traced_code", None) or []
         files = {code.co_filename for code in traced}
+        if not files:  # torch without traced_code: the files named in the graph's stack traces
+            files = _files_in_stack_traces(gm)
         digest, relative = code_hash(files)
         self.config.traced_files.update(relative)
         self.record.traced_files = sorted(set(self.record.traced_files) | set(relative))
