@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from workers.custom_ops import register_eager_impl
 
-@torch.library.custom_op("kiln::attention", mutates_args=("k_cache", "v_cache"))
-def attention(
+
+def attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -35,8 +36,7 @@ def attention(
     v_cache[seq_ids, positions] = v
     keys = k_cache[seq_ids].transpose(1, 2)  # [N, Hkv, L, D]
     values = v_cache[seq_ids].transpose(1, 2)  # [N, Hkv, L, D]
-    max_len = keys.shape[2]
-    visible = torch.arange(max_len, device=q.device) <= positions[:, None]  # [N, L]
+    visible = _cache_positions(keys.shape[2], q.device) <= positions[:, None]  # [N, L]
     # Each token is a batch of its own: its G = Hq/Hkv query heads per kv head attend to the
     # L cached positions of its sequence, masked to 0..position (few kernels: one fused SDPA).
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -44,6 +44,26 @@ def attention(
     return out.reshape(n, hq, d)  # [N, Hq, D]
 
 
+_POSITIONS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _cache_positions(max_len: int, device: torch.device) -> torch.Tensor:
+    """arange(max_len) on `device`, made once (a kernel launch saved per layer and step)."""
+    key = (max_len, device)
+    if key not in _POSITIONS:
+        _POSITIONS[key] = torch.arange(max_len, device=device)
+    return _POSITIONS[key]
+
+
+# The op Dynamo and Inductor see: opaque, with a fake implementation for tracing.
+attention = torch.library.custom_op("kiln::attention", attention_impl, mutates_args=("k_cache", "v_cache"))
+
+
 @attention.register_fake
 def _(q, k, v, k_cache, v_cache, seq_ids, positions, scale):
     return torch.empty_like(q)
+
+
+# Splitting pieces run eagerly, outside any tracing: there kiln calls the implementation
+# directly, skipping the custom-op dispatch (tens of microseconds a call, per layer and step).
+register_eager_impl(torch.ops.kiln.attention, attention_impl)

@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 
 from workers.artifacts import ArtifactError, compile_graph, load_graph
+from workers.custom_ops import eager_impl
 from workers.compiler_factors import code_hash, codegen_env, compiler_factors
 from workers.passes import PostGradPassManager
 from workers.piecewise import PieceRunner, size_index
@@ -61,6 +62,18 @@ def _concrete(value: Any, size: int) -> int:
         expr = value.node.expr
         return int(expr.xreplace({sym: size for sym in expr.free_symbols}))
     return int(value)
+
+
+def _use_eager_impls(gm: fx.GraphModule) -> None:
+    """Point a splitting piece's op calls at their registered eager implementations."""
+    changed = False
+    for node in gm.graph.nodes:
+        impl = eager_impl(node.target) if node.op == "call_function" else None
+        if impl is not None:
+            node.target = impl
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _files_in_stack_traces(gm: fx.GraphModule) -> set[str]:
@@ -166,6 +179,7 @@ class PiecewiseBackend:
 
     def _runner_for(self, piece: Piece, args: Sequence[Any], real_by_id: dict[int, Any]) -> PieceRunner:
         if piece.is_splitting:
+            _use_eager_impls(piece.module)
             return PieceRunner(piece.index, piece.module, returns_single=piece.returns_single, is_splitting=True)
         if not self.config.use_inductor:
             # use_inductor=False: the pieces run as traced (still split, still capturable).

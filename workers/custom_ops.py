@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -45,6 +45,22 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if tp_state().world_size == 1:
         return x
     return torch.ops.kiln.all_reduce(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager fast paths for splitting ops
+
+_EAGER_IMPLS: dict[object, Callable[..., torch.Tensor]] = {}
+
+
+def register_eager_impl(op: torch._ops.OpOverloadPacket, impl: Callable[..., torch.Tensor]) -> None:
+    """Let eagerly run splitting pieces call `impl` instead of dispatching `op`."""
+    _EAGER_IMPLS[op] = impl
+    _EAGER_IMPLS[op.default] = impl
+
+
+def eager_impl(target: object) -> Callable[..., torch.Tensor] | None:
+    return _EAGER_IMPLS.get(target)
 
 
 # ---------------------------------------------------------------------------------------------

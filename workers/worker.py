@@ -262,6 +262,16 @@ class KilnWorker:
                     times.append(ms)
         return {"batch": batch, "median_ms": statistics.median(times), "min_ms": min(times)}
 
+    def collective_calls(self, batch: int) -> int:
+        """Host-side all-reduce launches during one decode step (0 when they run inside a
+        replayed CUDA graph): how one checks that the collectives were captured."""
+        inputs = self.model.example_inputs(batch)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            self.kiln(*inputs, decode=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        return sum(e.count for e in prof.key_averages() if "allreduce" in e.key.lower().replace("_", ""))
+
     def exit(self) -> None:
         import torch.distributed as dist
 
