@@ -146,7 +146,7 @@ class KilnWorker:
 
         with self.record.phase("build_model"):
             self.phase = "build_model"
-            with building_with(config), torch.device(device):
+            with building_with(config):
                 self.model = build_model(p["model"], p.get("model_kwargs") or {}, tuple(p.get("search_dirs", ())))
 
         self.phase = "open_cache"
