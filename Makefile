@@ -1,7 +1,8 @@
 # The two set-up commands of the README: `make warmup` (the main job) and `make test`.
-# Both install what they need on a fresh machine. On a machine without torch, the CPU build
-# torch==2.13.0 is installed first (an unpinned torch would pull a multi-GB CUDA build).
+# Both install what they need on a fresh machine. Without torch, the CPU build torch==2.13.0 is
+# installed first (an unpinned torch would pull a multi-GB CUDA build).
 PY ?= python3
+KILN = $(PY) -m orchestrator.cli
 
 .PHONY: install test warmup
 
@@ -9,9 +10,11 @@ install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 
+# Warm-up of the example model at TP=2 on an embedded Ray cluster (127.0.0.1): GPUs if Ray
+# sees two, else two CPU ranks with gloo. Writes the report and a Perfetto trace.
+warmup: install
+	$(KILN) warmup examples/toy_llama.py:build --tp 2 --sizes 1,2,4,8 \
+		--report kiln-report.json --trace kiln-trace.json
+
 test: install
 	$(PY) -m pytest
-
-warmup: install
-	$(PY) -m orchestrator.cli config show
-	$(PY) -m orchestrator.cli config hash

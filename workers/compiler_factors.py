@@ -51,11 +51,26 @@ def kiln_version() -> str:
         return "0+source"
 
 
+# kiln's modules that shape what Inductor compiles or how an artifact is stored. The others
+# (worker, runner, CUDA graphs, reports) run around compiled code and stay out of the key, so
+# editing them does not throw caches away. tests/backend/test_factors.py makes every module
+# choose a side.
+CODEGEN_MODULES = (
+    "artifacts", "attention", "compile_modes", "compiler", "compiler_factors", "config",
+    "config_checks", "custom_ops", "layers", "pass_config", "passes", "split", "structural_hash",
+)
+RUNTIME_MODULES = (
+    "__init__", "backend", "config_io", "cudagraphs", "model_spec", "parallel", "piecewise",
+    "progress", "record", "runner", "trace_once", "worker",
+)
+
+
 @functools.cache
 def kiln_source_hash() -> str:
-    """Hash of kiln's own rank-side code: how pieces are split and passed to Inductor."""
+    """Hash of kiln's own code that shapes compiled artifacts (CODEGEN_MODULES)."""
     h = xxhash.xxh3_128()
-    for path in sorted(_KILN_PACKAGE_DIR.glob("*.py")):
+    for name in CODEGEN_MODULES:
+        path = _KILN_PACKAGE_DIR / f"{name}.py"
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()

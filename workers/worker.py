@@ -154,7 +154,10 @@ class KilnWorker:
         if root:
             import ray
 
+            # {node}: one root per node on a shared filesystem; {rank}: a private root per rank
+            # (turns cross-rank compile-once off, e.g. to measure what it saves).
             root = root.replace("{node}", ray.get_runtime_context().get_node_id()[:12])
+            root = root.replace("{rank}", str(self.rank))
         self.store = CacheStore(root or None)
         self.progress = p.get("progress")
         self.phase = "ready"
