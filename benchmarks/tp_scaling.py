@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODEL = {"layers": 4, "hidden": 128, "heads": 4, "kv_heads": 4, "vocab": 512, "max_seq_len": 64, "max_seqs": 8}
+MODEL = {"layers": 4, "hidden": 128, "heads": 8, "kv_heads": 8, "vocab": 512, "max_seq_len": 64, "max_seqs": 8}
 
 
 def warmup(tp: int, root: str) -> dict:

@@ -1,0 +1,50 @@
+"""TP=4 and TP=8 with CPU ranks on a simulated two-node cluster (the 8-GPU run's properties,
+checked where no 8-GPU machine is lent). Slow: run with -m slow."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from orchestrator import CompilationConfig, Orchestrator
+from tests.orchestrator.conftest import TINY
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_nodes_eight_cpus():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    cluster.add_node(num_cpus=4)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.parametrize("tp", [4, 8])
+def test_compile_once_at_tp(tp, two_nodes_eight_cpus, tmp_path):
+    model = {**TINY, "heads": 8, "kv_heads": 8, "hidden": 64}
+    config = CompilationConfig()
+    root = str(tmp_path / "root")  # one filesystem: both simulated nodes share the root
+    with Orchestrator("examples/toy_llama.py:build", 1, config, root, model_kwargs=model, progress=False) as orch:
+        tp1 = orch.warmup([2]).totals()["inductor_compiles"]
+    with Orchestrator("examples/toy_llama.py:build", tp, config, str(tmp_path / f"root{tp}"),
+                      address=two_nodes_eight_cpus.address, model_kwargs=model, progress=False,
+                      placement="SPREAD") as orch:
+        report = orch.warmup([2])
+        cold = report.totals()
+    assert len(report.ranks) == tp and len({r["node_id"] for r in report.ranks}) == 2
+    assert all(r["device"] == "cpu" and r["dist_backend"] == "gloo" for r in report.ranks)
+    assert cold["inductor_compiles"] == tp1, "compile once: as many compiles as at TP=1"
+    with Orchestrator("examples/toy_llama.py:build", tp, config, str(tmp_path / f"root{tp}"),
+                      address=two_nodes_eight_cpus.address, model_kwargs=model, progress=False) as orch:
+        assert orch.warmup([2]).totals()["inductor_compiles"] == 0
