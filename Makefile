@@ -1,6 +1,7 @@
 # The two set-up commands of the README: `make warmup` (the main job) and `make test`.
-# Both install what they need on a fresh machine. Without torch, the CPU build torch==2.13.0 is
-# installed first (an unpinned torch would pull a multi-GB CUDA build).
+# Both install what they need on a fresh machine. Without torch, torch==2.13.0 is installed first:
+# the CPU build where pip's find-links hold that wheel; elsewhere install torch beforehand from
+# https://download.pytorch.org/whl/cpu (PyPI's default torch is a multi-GB CUDA build).
 PY ?= python3
 KILN = $(PY) -m orchestrator.cli
 

@@ -12,7 +12,8 @@ from cache.atomic import atomic_write_bytes, atomic_write_json
 from cache.digest import canonical_json, digest_bytes, digest_file, key_from_factors
 from cache.errors import CacheError, UnsafeCacheError
 from cache.permissions import check_root_safe, default_root
-from cache.store import CacheEntry, CacheStats, CacheStore, RankIndex
+from cache.stats import CacheStats
+from cache.store import CacheEntry, CacheStore, RankIndex
 
 __all__ = [
     "CacheEntry",

@@ -2,8 +2,9 @@
 
 A file is written to a temporary name in its final directory, flushed and fsynced, renamed over
 the final name (atomic within one filesystem), and then the directory is fsynced so the rename
-itself survives a power cut. Temporary names start with TEMP_PREFIX; loaders never look at them,
-and a crash leaves at most one such file behind, which `kiln cache verify` removes once stale.
+itself survives a power cut. Temporary names start with TEMP_PREFIX; loaders never look at them.
+A crash leaves one such file behind per write it interrupted (several processes and threads may
+be writing at once); `kiln cache verify` removes them once stale.
 """
 
 from __future__ import annotations

@@ -42,25 +42,25 @@ def key_from_factors(factors: dict) -> str:
         raise CacheError(f"key factors must be a dict, got {type(factors).__name__}")
     # Checked up front rather than left to json: json silently turns int keys into strings, so
     # {1: x} and {"1": x} would share a key while key_factors.json could not tell them apart.
-    bad = _first_unserializable(factors, "factors")
+    bad = first_unserializable(factors, "factors")
     if bad:
         raise CacheError(f"key factors must be plain JSON data (str keys; dict, list, str, number, bool, None): {bad}")
     return digest_bytes(canonical_json(factors).encode("utf-8"))
 
 
-def _first_unserializable(obj: Any, path: str) -> str:
+def first_unserializable(obj: Any, path: str) -> str:
     """Dotted path of the first value that is not plain JSON data, or "" if there is none."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
                 return f"{path} (key {k!r} is not a string)"
-            found = _first_unserializable(v, f"{path}.{k}")
+            found = first_unserializable(v, f"{path}.{k}")
             if found:
                 return found
         return ""
     if isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            found = _first_unserializable(v, f"{path}[{i}]")
+            found = first_unserializable(v, f"{path}[{i}]")
             if found:
                 return found
         return ""

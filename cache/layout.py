@@ -8,7 +8,7 @@
         rank_<r>/index.json          {"schema": 1, "entries": {...}}: what rank r loads
         locks/<graph_key>.lock       compile-once locks
         quarantine/                  files that failed verification, kept for inspection
-    <root>/.trash-<key>-<pid>/       an entry being deleted by prune; never an entry
+    <root>/.trash-<key>-<pid>-<hex>/ an entry being deleted by prune; never an entry
 
 Every name is relative to the entry, so a root copied or moved elsewhere still loads.
 """

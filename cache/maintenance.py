@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import time
@@ -26,8 +27,8 @@ from cache.verify import VerifyReport, verify
 
 __all__ = [
     "EntryInfo", "PruneReport", "VerifyReport", "MISSING", "delete_entry", "diff_factors", "entry_info",
-    "flatten", "format_size", "iso_utc", "list_entries", "load_factors", "open_root", "parse_size", "prune",
-    "resolve_key", "verify",
+    "flatten", "format_path", "format_size", "iso_utc", "list_entries", "load_factors", "open_root", "parse_size",
+    "prune", "resolve_key", "verify",
 ]
 
 SECONDS_PER_DAY = 86400.0
@@ -124,8 +125,10 @@ def prune(
 
 def delete_entry(root: Path, key: str) -> None:
     """Remove `<root>/<key>` so that no half-deleted entry is ever seen as an entry: rename it
-    to `.trash-<key>-<pid>` (atomic; no longer a key name) and only then delete the files."""
-    trash = root / f"{TRASH_PREFIX}{key}-{os.getpid()}"
+    to `.trash-<key>-<pid>-<random>` (atomic; no longer a key name) and only then delete the files."""
+    # The random part: a trash dir left by a killed prune may carry our pid, and os.replace
+    # onto a non-empty directory fails (ENOTEMPTY), which would stop this prune midway.
+    trash = root / f"{TRASH_PREFIX}{key}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         os.replace(root / key, trash)
     except FileNotFoundError:
@@ -174,10 +177,11 @@ def resolve_key(root: Path, key: str) -> str:
 
 
 def diff_factors(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
-    """(dotted path, value in a, value in b) for every factor that differs; MISSING where absent."""
+    """(path as format_path shows it, value in a, value in b) for every factor that differs;
+    MISSING where absent."""
     flat_a, flat_b = flatten(a), flatten(b)
     return [
-        (p, flat_a.get(p, MISSING), flat_b.get(p, MISSING))
+        (format_path(p), flat_a.get(p, MISSING), flat_b.get(p, MISSING))
         for p in sorted(flat_a.keys() | flat_b.keys())
         if flat_a.get(p, MISSING) != flat_b.get(p, MISSING)
     ]
@@ -191,16 +195,23 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
-def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict of dotted paths; lists and scalars are leaves. An empty dict is a leaf."""
-    flat: dict[str, Any] = {}
+def flatten(obj: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Nested dicts as one dict keyed by paths (tuples of keys); lists and scalars are leaves,
+    and so is an empty dict. Tuples, not dotted strings: {"a.b": 1} and {"a": {"b": 1}} differ."""
+    flat: dict[tuple[str, ...], Any] = {}
     for k, v in obj.items():
-        path = f"{prefix}{k}"
+        path = (*prefix, k)
         if isinstance(v, dict) and v:
-            flat.update(flatten(v, path + "."))
+            flat.update(flatten(v, path))
         else:
             flat[path] = v
     return flat
+
+
+def format_path(path: tuple[str, ...]) -> str:
+    """A flatten() path for people: keys joined by ".", a key that holds a "." (or is empty,
+    or holds a quote) quoted as JSON, so that ("a.b",) shows as "a.b" and ("a", "b") as a.b."""
+    return ".".join(json.dumps(k) if not k or "." in k or '"' in k else k for k in path)
 
 
 def parse_size(text: str) -> int:

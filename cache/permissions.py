@@ -12,6 +12,7 @@ import os
 import stat
 from pathlib import Path
 
+from cache.atomic import fsync_dir
 from cache.errors import CacheError, UnsafeCacheError
 
 ROOT_ENV_VAR = "KILN_CACHE_ROOT"
@@ -79,24 +80,34 @@ def check_root_safe(path: str | os.PathLike) -> None:
 def ensure_private_dir(path: str | os.PathLike, *, parents: bool = False) -> Path:
     """Create directory `path` with mode 0o700 if it is missing, then check_dir_safe it.
 
-    With parents=True missing parents are made too, with the usual default mode: only the leaf
-    is ours to make private (~/.cache, say, belongs to the user's wider setup). Without it a
-    missing parent raises FileNotFoundError, so that a writer never resurrects an entry that
-    prune has just removed. An existing directory keeps its mode but must pass check_dir_safe.
+    With parents=True missing parents are made too, also 0o700: they lead only to the cache,
+    and a umask-mode parent would let others list it. Existing parents are left as they are.
+    Without it a missing parent raises FileNotFoundError, so that a writer never resurrects an
+    entry that prune has just removed. An existing directory keeps its mode but must pass
+    check_dir_safe.
     """
     path = Path(path)
-    try:
-        if parents:
-            os.makedirs(path, mode=PRIVATE_DIR_MODE)
-        else:
-            os.mkdir(path, mode=PRIVATE_DIR_MODE)
-    except FileExistsError:
-        pass
-    else:
-        # The mode given to mkdir is filtered by the umask; chmod makes it exactly 0o700.
-        os.chmod(path, PRIVATE_DIR_MODE)
+    _make_private_dir(path, parents)
     check_dir_safe(path)
     return path
+
+
+def _make_private_dir(path: Path, parents: bool) -> None:
+    """mkdir 0o700 whatever the umask (parents first if asked), each new one made durable."""
+    try:
+        os.mkdir(path, mode=PRIVATE_DIR_MODE)
+    except FileExistsError:
+        return  # ours from before, or another process's just now: check_dir_safe judges it
+    except FileNotFoundError:
+        if not parents or path.parent == path:
+            raise
+        _make_private_dir(path.parent, parents=True)
+        _make_private_dir(path, parents=False)
+        return
+    # The mode given to mkdir is filtered by the umask; chmod makes it exactly 0o700.
+    os.chmod(path, PRIVATE_DIR_MODE)
+    # A file fsynced into a directory whose own entry was never flushed can vanish at a power cut.
+    fsync_dir(path.parent)
 
 
 def is_writable(path: str | os.PathLike) -> bool:

@@ -21,8 +21,13 @@ def quarantine_name(name: str) -> str:
     return f"{name}.{stamp}-{os.getpid()}"
 
 
-def quarantine_file(entry_dir: Path, path: Path, reason: str, *, name: str | None = None) -> Path | None:
-    """Move `path` to `<entry_dir>/quarantine/<name>.<timestamp>` and log a warning naming it.
+def quarantine_file(
+    entry_dir: Path, path: Path, reason: str, *, name: str | None = None, level: int = logging.WARNING
+) -> Path | None:
+    """Move `path` to `<entry_dir>/quarantine/<name>.<timestamp>` and log (a warning) naming it.
+
+    `level` lowers the log level of a move that only follows from another file's problem, which
+    was already reported: the user should see one warning per bad file, not one per side effect.
 
     Returns the new path, or None if the file was already gone (another process quarantined or
     replaced it first) or could not be moved (read-only cache; the warning says so). A symlink
@@ -38,5 +43,5 @@ def quarantine_file(entry_dir: Path, path: Path, reason: str, *, name: str | Non
             return None  # another process moved or replaced it first: nothing left to do
         logger.warning("cache file %s is bad (%s) and could not be quarantined: %s", path, reason, e)
         return None
-    logger.warning("cache file %s is bad (%s); moved to %s", path, reason, target)
+    logger.log(level, "cache file %s is bad (%s); moved to %s", path, reason, target)
     return target

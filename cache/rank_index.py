@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from cache.records import check_index_entry, make_index, parse_index
 
 if TYPE_CHECKING:  # pragma: no cover
     from cache.store import CacheEntry
+
+logger = logging.getLogger("kiln.cache")
 
 
 class RankIndex:
@@ -32,14 +35,24 @@ class RankIndex:
         return f"RankIndex({str(self.path)!r})"
 
     def read(self) -> dict[str, dict]:
-        """The entries; {} if the index is absent or malformed (then quarantined with a warning)."""
+        """The entries; {} if the index is absent, malformed (then quarantined with a warning)
+        or cannot be read now (EACCES, EIO: warned, left in place)."""
+        try:
+            return self._load()
+        except OSError as e:
+            logger.warning("cannot read rank index %s (%s); treating it as empty", self.path, e)
+            return {}
+
+    def _load(self) -> dict[str, dict]:
+        """read(), except that an OSError other than FileNotFoundError is raised: it says
+        nothing about the file's bytes, so the file is neither quarantined nor taken as empty."""
         try:
             raw = read_file_nofollow(self.path)
         except FileNotFoundError:
             return {}
         except UnsafeCacheError:
             raise
-        except (CacheError, OSError) as e:
+        except CacheError as e:  # not a regular file
             self._quarantine(f"unreadable rank index: {e}")
             return {}
         try:
@@ -51,7 +64,9 @@ class RankIndex:
     def update(self, entries: dict[str, dict]) -> None:
         """Merge `entries` into the index (same names are replaced) and write it whole, atomically.
 
-        Raises ValueError naming a bad entry (no valid "digest", an absolute path in it).
+        Raises ValueError naming a bad entry (no valid "digest", an absolute path in it, a
+        value that is not plain JSON). If the index on disk cannot be read (EACCES, EIO), the
+        update is skipped with a warning rather than merged over nothing.
         """
         if not isinstance(entries, dict):
             raise ValueError(f"rank index entries must be a dict, got {type(entries).__name__}")
@@ -62,7 +77,13 @@ class RankIndex:
         if lock is None:
             return
         with lock:
-            merged = self.read()
+            try:
+                merged = self._load()
+            except OSError as e:
+                # Merging over {} would drop every entry already there: skip this update
+                # instead, like a failed write (warned, and the job goes on).
+                logger.warning("cannot read rank index %s (%s); not updating it", self.path, e)
+                return
             merged.update(entries)
             self.entry.write_json(self.path, make_index(merged))
 

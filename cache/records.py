@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+from cache.digest import first_unserializable
 from cache.layout import INDEX_SCHEMA, is_digest
 
 
@@ -52,17 +53,23 @@ def make_index(entries: dict[str, dict]) -> dict[str, Any]:
 
 
 def check_index_entry(name: Any, value: Any) -> None:
-    """ValueError naming `name` unless it is a str and `value` a dict with a valid "digest" and
-    no absolute paths anywhere in it (absolute paths would break a copied or moved cache)."""
+    """ValueError naming `name` unless it is a str and `value` a dict with a valid "digest",
+    no absolute paths anywhere in it (absolute paths would break a copied or moved cache), and
+    nothing but plain JSON data (str keys; dict, list, str, number, bool, None)."""
     if not isinstance(name, str):
         raise ValueError(f"index entry name {name!r} is not a string")
     if not isinstance(value, dict):
         raise ValueError(f"index entry {name!r} is {type(value).__name__}, not an object")
     if not is_digest(value.get("digest", "")):
         raise ValueError(f"index entry {name!r} has 'digest' {value.get('digest')!r}, not 32 lowercase hex characters")
-    where = _first_absolute_path(value, name)
+    where = _first_absolute_path(value, repr(name))
     if where:
         raise ValueError(f"index entry {where} is an absolute path; index entries must be relative")
+    # Checked here, not left to json: it would raise TypeError for a Path, and silently turn
+    # int keys into strings, so what is read back would differ from what was written.
+    where = first_unserializable(value, repr(name))
+    if where:
+        raise ValueError(f"index entry {where} is not plain JSON data (str keys; dict, list, str, number, bool, None)")
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -80,9 +87,9 @@ def _is_count(value: Any) -> bool:
 
 
 def _first_absolute_path(value: Any, where: str) -> str:
-    """Dotted location of the first string in `value` that is an absolute path, or ""."""
-    if isinstance(value, str):
-        return f"{where} ({value!r})" if os.path.isabs(value) else ""
+    """Dotted location of the first string or path object in `value` that is absolute, or ""."""
+    if isinstance(value, (str, os.PathLike)):
+        return f"{where} ({value!r})" if os.path.isabs(os.fspath(value)) else ""
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, (list, tuple)):

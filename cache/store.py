@@ -8,7 +8,7 @@ Layout and file formats: cache/layout.py and cache/records.py.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +19,7 @@ from typing import Callable
 import filelock
 
 from cache.atomic import FILE_MODE, atomic_write_bytes, atomic_write_json
-from cache.digest import canonical_json, digest_bytes, key_from_factors
+from cache.digest import canonical_json, digest_bytes, digest_file, key_from_factors
 from cache.errors import CacheError, UnsafeCacheError
 from cache.layout import (
     BLOBS,
@@ -44,24 +44,10 @@ from cache.permissions import (
 )
 from cache.quarantine import quarantine_file
 from cache.rank_index import RankIndex
+from cache.stats import CacheStats
 from cache.records import make_ref, parse_ref
 
 logger = logging.getLogger("kiln.cache")
-
-
-@dataclasses.dataclass
-class CacheStats:
-    """Counters of one CacheEntry's traffic, for the warm-up report."""
-
-    hits: int = 0
-    misses: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    blobs_written: int = 0
-    quarantined: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 class CacheStore:
@@ -210,7 +196,7 @@ class CacheEntry:
         if found is not None:
             self.stats.hits += 1
             return (*found, False)
-        lock = self.make_lock(self.path / LOCKS / f"{graph_key}.lock", timeout)
+        lock = self.make_lock(self._lock_path(graph_key), timeout)
         if lock is None:  # read-only: nobody can publish, so there is nothing to wait for
             return self._compute_and_publish(graph_key, compute)
         with lock:
@@ -221,17 +207,28 @@ class CacheEntry:
                 return (*found, False)
             return self._compute_and_publish(graph_key, compute)
 
-    def invalidate(self, graph_key: str, reason: str) -> None:
+    def invalidate(self, graph_key: str, reason: str, digest: str | None = None) -> None:
         """Quarantine the ref of `graph_key` and its blob: for a verified blob that turned out
-        unusable (e.g. it fails to deserialize). The next get_or_compute recomputes."""
-        ref_path = self._ref_path(check_graph_key(graph_key))
-        ref = self._read_ref(graph_key)
-        if ref is None:
-            return
-        logger.warning("cache entry %s: invalidating graph %s: %s", self.key, graph_key, reason)
-        self.quarantine(ref_path, f"invalidated: {reason}")
-        if os.path.lexists(self.blob_path(ref["digest"])):
-            self.quarantine(self.blob_path(ref["digest"]), f"invalidated: {reason}")
+        unusable (e.g. it fails to deserialize). The next get_or_compute recomputes.
+
+        With `digest` (the blob the caller found unusable): only under the graph's compile-once
+        lock, and only if the ref still names that digest, for another rank may have invalidated
+        it and published a fresh compile meanwhile. Never call it while holding that lock.
+        """
+        check_graph_key(graph_key)
+        lock = None
+        if digest is not None:
+            check_digest(digest)
+            # None when read-only: then nobody can republish, nor can anything be moved.
+            lock = self.make_lock(self._lock_path(graph_key), None)
+        with lock or contextlib.nullcontext():
+            ref = self._read_ref(graph_key)
+            if ref is None or (digest is not None and ref["digest"] != digest):
+                return
+            logger.warning("cache entry %s: invalidating graph %s: %s", self.key, graph_key, reason)
+            self.quarantine(self._ref_path(graph_key), f"invalidated: {reason}")
+            if os.path.lexists(self.blob_path(ref["digest"])):
+                self.quarantine(self.blob_path(ref["digest"]), f"invalidated: {reason}")
 
     def rank_index(self, rank: int) -> RankIndex:
         """The index of what rank `rank` loads: `<key>/rank_<rank>/index.json`."""
@@ -262,10 +259,22 @@ class CacheEntry:
             return None
         return filelock.FileLock(str(path), timeout=-1 if timeout is None else timeout, mode=FILE_MODE)
 
-    def quarantine(self, path: Path, reason: str, *, name: str | None = None) -> None:
-        """Move a bad file under this entry to quarantine/ (logged), counting it in stats."""
-        if quarantine_file(self.path, path, reason, name=name) is not None:
+    def quarantine(self, path: Path, reason: str, *, name: str | None = None, follow_up: bool = False) -> None:
+        """Move a bad file under this entry to quarantine/ (logged), counting it in stats.
+
+        follow_up=True: the file is bad only because of another one that was just quarantined
+        (and warned about); this move is logged at INFO so the user sees one warning.
+        """
+        level = logging.INFO if follow_up else logging.WARNING
+        if quarantine_file(self.path, path, reason, name=name, level=level) is not None:
             self.stats.quarantined += 1
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether blob `digest` is on disk as a regular file (not verified: get_blob does that)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.blob_path(digest)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     # ----- internals -----
 
@@ -330,9 +339,11 @@ class CacheEntry:
         """(digest, stored): stored is False if the write was skipped or failed."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"cache blobs are bytes, got {type(data).__name__}")
+        # As bytes: len() of a memoryview of wider items (array('i'), say) counts items.
+        data = memoryview(data).cast("B")
         digest = digest_bytes(data)
         path = self.blob_path(digest)
-        if self._blob_present(path, len(data)):
+        if self._blob_present(path, data.nbytes, digest):
             return digest, True
         if self.store.read_only:
             self.store.warn_read_only()
@@ -343,27 +354,36 @@ class CacheEntry:
         except OSError as e:
             self._write_failed(path, e)
             return digest, False
-        self.stats.bytes_written += len(data)
+        self.stats.bytes_written += data.nbytes
         self.stats.blobs_written += 1
         return digest, True
 
-    @staticmethod
-    def _blob_present(path: Path, size: int) -> bool:
-        """Whether a regular file of the right size is at `path`. A corrupt blob of the right
-        size is caught (and quarantined) by the next verified read, so it is not re-read here."""
+    def _blob_present(self, path: Path, size: int, digest: str) -> bool:
+        """Whether a good copy of blob `digest` (`size` bytes) is already at `path`. Its bytes
+        are checked, not just its size, since a ref is about to name it: a bad one is quarantined,
+        an unreadable one rewritten (atomically, so never worse than before)."""
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeCacheError(f"cache file {path} is a symlink; refusing to follow it")
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return False
+            actual = digest_file(path)
+        except OSError:  # absent, or unreadable for now
             return False
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafeCacheError(f"cache file {path} is a symlink; refusing to follow it")
-        return stat.S_ISREG(st.st_mode) and st.st_size == size
+        if actual != digest:
+            self.quarantine(path, f"its content hashes to {actual}, not to its name")
+            return False
+        return True
 
     def _ref_path(self, graph_key: str) -> Path:
         return self.path / REFS / f"{graph_key}.json"
 
+    def _lock_path(self, graph_key: str) -> Path:
+        return self.path / LOCKS / f"{graph_key}.lock"
+
     def _read_ref(self, graph_key: str) -> dict | None:
-        """The parsed ref of `graph_key`; None if absent or malformed (then quarantined)."""
+        """The parsed ref of `graph_key`; None if absent, unreadable (warned) or malformed (quarantined)."""
         path = self._ref_path(graph_key)
         try:
             return parse_ref(read_file_nofollow(path))
@@ -371,8 +391,12 @@ class CacheEntry:
             return None
         except UnsafeCacheError:
             raise
-        except (ValueError, CacheError, OSError) as e:
+        except (ValueError, CacheError) as e:  # CacheError: not a regular file
             self.quarantine(path, f"malformed ref: {e}")
+            return None
+        except OSError as e:
+            # EACCES, EMFILE, EIO say nothing about the file's bytes: a miss, not corruption.
+            logger.warning("cannot read cache ref %s (%s); treating it as a miss", path, e)
             return None
 
     def _lookup(self, graph_key: str) -> tuple[str, bytes] | None:
@@ -380,9 +404,15 @@ class CacheEntry:
         ref = self._read_ref(graph_key)
         if ref is None:
             return None
+        quarantined_before = self.stats.quarantined
         data = self.get_blob(ref["digest"])
         if data is None:
-            self.quarantine(self._ref_path(graph_key), f"its blob {ref['digest']} is missing or corrupt")
+            # A corrupt blob was just quarantined with a warning; a missing one was not. A blob
+            # still there could not be read (EIO, EMFILE): the ref may be fine, so it stays.
+            just_quarantined = self.stats.quarantined > quarantined_before
+            if just_quarantined or not os.path.lexists(self.blob_path(ref["digest"])):
+                self.quarantine(self._ref_path(graph_key), f"its blob {ref['digest']} is missing or corrupt",
+                                follow_up=just_quarantined)
             return None
         if len(data) != ref["size"]:
             self.quarantine(self._ref_path(graph_key), f"it says {ref['size']} bytes, blob has {len(data)}")

@@ -5,6 +5,10 @@ its name; every ref parses and names an existing blob of the right size; every r
 parses and names existing blobs. Bad files go to the entry's quarantine/; a rank index with
 some bad entries is kept with its good ones (the original goes to quarantine/). Temporary
 files of killed writers are removed once stale; younger ones may belong to a live writer.
+
+Verify may run beside a warm-up or a prune: a file that vanishes mid-run was moved by them and
+is skipped. A file that cannot be read (EACCES, EIO) is reported as a problem, never
+quarantined: nothing says its bytes are bad.
 """
 
 from __future__ import annotations
@@ -72,19 +76,27 @@ class _EntryVerifier:
         self.stale_before = stale_before
         self.blob_sizes: dict[str, int] = {}  # digest -> size, of blobs that verified
         self.bad_blobs: set[str] = set()  # digests of blobs found bad
+        self.unreadable: set[str] = set()  # digests of blobs we could not read: neither good nor bad
         self.blobs_usable = False  # blobs/ is a real directory (not a symlink) we may read
 
     def run(self) -> None:
         try:
             check_dir_safe(self.dir)
+        except FileNotFoundError:
+            return  # pruned since the root was listed
         except CacheError as e:
             self.report.problems.append(str(e))
+            return
+        except OSError as e:
+            self._unreadable(self.dir, e)
             return
         self.report.entries += 1
         self._check_key_factors()
         subdirs = [BLOBS, REFS, LOCKS, QUARANTINE] + [n for n in _listdir(self.dir) if rank_from_dir_name(n) is not None]
         real = {name for name in subdirs if self._is_real_subdir(self.dir / name)}
         self._remove_stale_temps(self.dir)
+        if QUARANTINE in real:  # verify itself writes there (_drop_index_entries), atomically
+            self._remove_stale_temps(self.dir / QUARANTINE)
         self.blobs_usable = BLOBS in real
         if self.blobs_usable:
             self._check_blobs(self.dir / BLOBS)
@@ -94,11 +106,15 @@ class _EntryVerifier:
             if rank_from_dir_name(name) is not None:
                 self._check_rank_index(self.dir / name / INDEX)
 
-    def _bad(self, path: Path, reason: str) -> None:
-        if quarantine_file(self.dir, path, reason) is not None:
+    def _bad(self, path: Path, reason: str, *, name: str | None = None) -> None:
+        if quarantine_file(self.dir, path, reason, name=name) is not None:
             self.report.quarantined.append((self._rel(path), reason))
         elif os.path.lexists(path):
             self.report.problems.append(f"{self._rel(path)}: {reason}; could not quarantine it")
+
+    def _unreadable(self, path: Path, error: OSError) -> None:
+        # Not quarantined: a transient error (EIO, EMFILE) or a permission says nothing of the bytes.
+        self.report.problems.append(f"{self._rel(path)}: cannot read it: {error.strerror or error}")
 
     def _rel(self, path: Path) -> str:
         return str(path.relative_to(self.root))
@@ -107,13 +123,17 @@ class _EntryVerifier:
         """True for a real directory; a symlink or file in its place is quarantined."""
         try:
             st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
+                check_dir_safe(path)  # loaders refuse it (other owner, group-writable): say so
         except FileNotFoundError:
+            return False  # gone meanwhile (prune renamed the entry, say)
+        except CacheError as e:
+            self.report.problems.append(str(e))
+            return True
+        except OSError as e:
+            self._unreadable(path, e)
             return False
         if stat.S_ISDIR(st.st_mode):
-            try:
-                check_dir_safe(path)  # loaders refuse it (other owner, group-writable): say so
-            except CacheError as e:
-                self.report.problems.append(str(e))
             return True
         self._bad(path, "is a symlink" if stat.S_ISLNK(st.st_mode) else "is not a directory")
         return False
@@ -125,8 +145,11 @@ class _EntryVerifier:
         except FileNotFoundError:
             self.report.problems.append(f"{self._rel(path)} is missing: the entry cannot be explained")
             return
-        except (CacheError, OSError) as e:
+        except CacheError as e:
             self._bad(path, str(e))
+            return
+        except OSError as e:
+            self._unreadable(path, e)
             return
         try:
             key = key_from_factors(json.loads(raw))
@@ -148,19 +171,25 @@ class _EntryVerifier:
         Also called for digests that refs and indexes name, so a blob published after the scan
         of blobs/ (verify can run beside a warm-up) is verified rather than taken for missing.
         """
-        if not self.blobs_usable or digest in self.blob_sizes or digest in self.bad_blobs:
+        known = digest in self.blob_sizes or digest in self.bad_blobs or digest in self.unreadable
+        if known or not self.blobs_usable:
             return self.blob_sizes.get(digest)
         path = self.dir / BLOBS / digest
         try:
             st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                actual = digest_file(path)
         except FileNotFoundError:
+            return None  # absent, or quarantined by a concurrent reader meanwhile
+        except OSError as e:
+            self.unreadable.add(digest)
+            self._unreadable(path, e)
             return None
         self.report.blobs += 1
         if not stat.S_ISREG(st.st_mode):
             self.bad_blobs.add(digest)
             self._bad(path, "is a symlink" if stat.S_ISLNK(st.st_mode) else "is not a regular file")
             return None
-        actual = digest_file(path)
         self.report.bytes_checked += st.st_size
         if actual != digest:
             self.bad_blobs.add(digest)
@@ -180,10 +209,15 @@ class _EntryVerifier:
                 ref = parse_ref(read_file_nofollow(path))
             except FileNotFoundError:
                 continue
-            except (ValueError, CacheError, OSError) as e:
+            except (ValueError, CacheError) as e:
                 self._bad(path, f"malformed ref: {e}")
                 continue
+            except OSError as e:
+                self._unreadable(path, e)
+                continue
             size = self._blob_size(ref["digest"])
+            if ref["digest"] in self.unreadable:
+                continue  # the blob may be fine: its problem is reported, the ref is left alone
             if size is None:
                 self._bad(path, f"its blob {ref['digest']} is missing or corrupt")
             elif size != ref["size"]:
@@ -194,33 +228,54 @@ class _EntryVerifier:
         if not os.path.lexists(path):
             return
         self.report.indexes += 1
+        # Every rank's index is called index.json: its quarantined copy is named after the rank.
         name = f"{path.parent.name}.{INDEX}"
         try:
-            raw = read_file_nofollow(path)
-            entries = parse_index(raw)
+            entries = parse_index(read_file_nofollow(path))
+        except FileNotFoundError:
+            return
         except UnsafeCacheError as e:
-            self._bad(path, str(e))
+            self._bad(path, str(e), name=name)
             return
-        except (ValueError, CacheError, OSError) as e:
-            if quarantine_file(self.dir, path, f"malformed rank index: {e}", name=name) is not None:
-                self.report.quarantined.append((self._rel(path), f"malformed rank index: {e}"))
+        except (ValueError, CacheError) as e:
+            self._bad(path, f"malformed rank index: {e}", name=name)
             return
-        dangling = sorted(n for n, v in entries.items() if self._blob_size(v["digest"]) is None)
-        if dangling:
-            self._drop_index_entries(path, name, dangling)
+        except OSError as e:
+            self._unreadable(path, e)
+            return
+        if self._dangling(entries):
+            self._drop_index_entries(path, name)
 
-    def _drop_index_entries(self, path: Path, name: str, dangling: list[str]) -> None:
+    def _dangling(self, entries: dict[str, dict]) -> list[str]:
+        """Names of the index entries whose blob is missing or bad (not merely unreadable)."""
+        return sorted(
+            n for n, v in entries.items() if self._blob_size(v["digest"]) is None and v["digest"] not in self.unreadable
+        )
+
+    def _drop_index_entries(self, path: Path, name: str) -> None:
         """Keep the index's good entries: save the original to quarantine/ and rewrite it
-        without the entries whose blobs are gone, under the index lock (writers merge there)."""
-        reason = f"{len(dangling)} entries name missing or corrupt blobs ({', '.join(dangling[:5])})"
+        without the entries whose blobs are gone, under the index lock (writers merge there).
+
+        What is dangling is decided again under the lock: a writer may have merged, or
+        republished a blob, since the first look; if nothing dangles any more, nothing is done.
+        """
+        reason = "entries name missing or corrupt blobs"
         try:
+            # filelock makes a missing parent: never resurrect a rank dir that prune just removed.
+            check_dir_safe(path.parent)
             with filelock.FileLock(str(path.with_name(INDEX + ".lock")), mode=FILE_MODE):
-                raw = read_file_nofollow(path)  # re-read: a writer may have merged meanwhile
+                raw = read_file_nofollow(path)
                 entries = parse_index(raw)
-                good = {n: v for n, v in entries.items() if self._blob_size(v["digest"]) is not None}
+                dangling = self._dangling(entries)
+                if not dangling:
+                    return
+                reason = f"{len(dangling)} entries name missing or corrupt blobs ({', '.join(dangling[:5])})"
+                good = {n: v for n, v in entries.items() if n not in dangling}
                 ensure_private_dir(self.dir / QUARANTINE)
                 atomic_write_bytes(self.dir / QUARANTINE / quarantine_name(name), raw)
                 atomic_write_json(path, make_index(good))
+        except FileNotFoundError:
+            return  # the index (or the whole entry) went away meanwhile: nothing left to fix
         except (ValueError, CacheError, OSError) as e:
             self.report.problems.append(f"{self._rel(path)}: {reason}; could not rewrite it: {e}")
             return

@@ -9,11 +9,17 @@ decode step on all ranks and checks rank 0's logits against the unsharded model.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
-from examples.toy_llama import build
-from orchestrator import CompilationConfig, Orchestrator
+# `python examples/driver_api.py` puts examples/ on sys.path, not the repo root that holds the
+# examples and orchestrator packages.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from examples.toy_llama import build  # noqa: E402
+from orchestrator import CompilationConfig, Orchestrator  # noqa: E402
 
 
 def main() -> None:

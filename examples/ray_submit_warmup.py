@@ -1,9 +1,12 @@
 """Cache warm-up on a running Ray cluster, for `ray submit`:
 
-    ray submit cluster.yaml examples/ray_submit_warmup.py -- --tp 2 --sizes 1,2,4,8
+    ray submit examples/cluster.yaml examples/ray_submit_warmup.py -- --tp 2 --sizes 1,2,4,8
 
 Attaches with address="auto", places one rank per GPU (or CPU bundle), warms the shared
 per-node cache and writes the report and Perfetto trace next to the cache root.
+
+`ray submit` copies this file alone to the head node's home directory, so the repo is found
+through $KILN_REPO, by default ~/kiln: where examples/cluster.yaml's file_mounts put it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import argparse
 import os
 import sys
 
-# `ray submit` runs this file by path from the cluster's home directory; make the repo importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repo on the head node; this file's own directory is ~ there, not the repo's examples/.
+REPO = os.path.abspath(os.path.expanduser(os.environ.get("KILN_REPO") or "~/kiln"))
+if not os.path.isdir(os.path.join(REPO, "orchestrator")):
+    sys.exit(f"ray_submit_warmup: no kiln repo at {REPO}; set KILN_REPO or mount it there (examples/cluster.yaml)")
+sys.path.insert(0, REPO)
 
 from orchestrator import CompilationConfig, Orchestrator  # noqa: E402
 
@@ -28,9 +34,8 @@ def main() -> None:
     args = parser.parse_args()
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Ship the repo to every node so workers can import the model (like --working-dir).
-    runtime_env = {"working_dir": repo, "excludes": [".git", ".device", ".whl", "benchmarks/results"]}
+    runtime_env = {"working_dir": REPO, "excludes": [".git", ".device", ".whl", "benchmarks/results"]}
     with Orchestrator(args.model, args.tp, CompilationConfig(), args.cache_root, address=args.address,
                       runtime_env=runtime_env) as orch:
         report = orch.warmup(sizes)

@@ -49,6 +49,13 @@ class ToyLlamaConfig:
         seed: int = 0,
         device: str | None = None,
     ):
+        # Validate before deriving anything: hidden // heads with heads=0 would raise a
+        # ZeroDivisionError that names no argument.
+        for field, value in (("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads),
+                             ("layers", layers), ("vocab", vocab), ("max_seq_len", max_seq_len),
+                             ("max_seqs", max_seqs)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"toy_llama: {field} must be a positive integer, got {value!r}")
         self.layers = layers
         self.hidden = hidden
         self.heads = heads
@@ -62,11 +69,6 @@ class ToyLlamaConfig:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.head_dim = hidden // heads
         tp = tp_world_size()
-        for field, value in (("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads),
-                             ("layers", layers), ("vocab", vocab), ("max_seq_len", max_seq_len),
-                             ("max_seqs", max_seqs)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"toy_llama: {field} must be a positive integer, got {value!r}")
         if hidden % heads or heads % kv_heads:
             raise ValueError(f"toy_llama: need hidden % heads == 0 and heads % kv_heads == 0, got "
                              f"hidden={hidden} heads={heads} kv_heads={kv_heads}")

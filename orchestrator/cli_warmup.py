@@ -1,8 +1,9 @@
 """`kiln warmup MODEL --tp N --sizes 1,2,4 …`: fill the cache for a model and layout.
 
 Runs on an embedded local Ray cluster (127.0.0.1) unless --address names one, prints the
-per-rank table, optionally writes the JSON report and the Perfetto trace, and exits non-zero
-naming rank, phase and cause when a rank fails.
+per-rank table, optionally writes the JSON report and the Perfetto trace (checked up front, and
+written on failure too, listing what failed), and exits non-zero naming rank, phase and cause
+when a rank fails.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import click
 
 from orchestrator.cli_config import InvalidConfig, _resolve
+from orchestrator.report import ReportError, RunReport, check_writable
 
 
 def _parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
@@ -40,6 +42,29 @@ def _parse_kwargs(_ctx: click.Context, _param: click.Parameter, value: tuple[str
     return out
 
 
+def _check_outputs(report_path: str | None, trace_path: str | None) -> None:
+    """Refuse unwritable --report/--trace paths before the warm-up, not after it."""
+    for option, path in (("--report", report_path), ("--trace", trace_path)):
+        if path:
+            try:
+                check_writable(path)
+            except ReportError as exc:
+                raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _write_outputs(report: RunReport, report_path: str | None, trace_path: str | None) -> None:
+    """Write --report and --trace; a write that fails anyway (disk full, a race) names the option."""
+    outputs = (("--report", report_path, report.to_json, "report: {}"),
+               ("--trace", trace_path, report.write_chrome_trace, "trace:  {} (open in https://ui.perfetto.dev)"))
+    for option, path, write, line in outputs:
+        if path:
+            try:
+                written = write(path)
+            except ReportError as exc:
+                raise click.ClickException(f"{option}: {exc}") from None
+            click.echo(line.format(written))
+
+
 @click.command("warmup")
 @click.argument("model")
 @click.option("--tp", "tp_size", type=click.IntRange(min=1), default=1, show_default=True,
@@ -65,6 +90,8 @@ def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, 
     """Compile MODEL ('pkg.module:factory' or 'path/file.py:factory') on every rank into the cache."""
     from workers.model_spec import ModelSpecError, parse_model_spec
 
+    _check_outputs(report_path, trace_path)
+
     try:
         parse_model_spec(model)
     except ModelSpecError as exc:
@@ -86,12 +113,11 @@ def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, 
         for failure in exc.failures:
             click.echo(f"kiln warmup failed: rank {failure['rank']}, phase {failure['phase']!r}: "
                        f"{failure['cause']}", err=True)
+        if exc.report is not None:  # the failures of every attempt, for whoever reads the files
+            _write_outputs(exc.report, report_path, trace_path)
         sys.exit(1)
     except (RuntimeError, ValueError, OSError) as exc:
         click.echo(f"kiln warmup failed: {exc}", err=True)
         sys.exit(1)
     click.echo(report.table())
-    if report_path:
-        click.echo(f"report: {report.to_json(report_path)}")
-    if trace_path:
-        click.echo(f"trace:  {report.write_chrome_trace(trace_path)} (open in https://ui.perfetto.dev)")
+    _write_outputs(report, report_path, trace_path)

@@ -15,6 +15,11 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 # Read by Ray when it is first imported: keeps a local cluster on loopback (Ray 2.60). Set here,
 # at import, because any `import ray` after this module is imported must see it.
+# Side effect: the variable lands in this process's environment (and every child's, Ray workers
+# included), so Ray here behaves as on macOS/Windows: the node's own IP resolves to 127.0.0.1
+# and `ray start --address …` run from such a process refuses to join a cluster. A driver that
+# attaches to a multi-node cluster from a node with a routable IP may need
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 in its environment (setdefault leaves that value alone).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 LOOPBACK = "127.0.0.1"
 
@@ -43,8 +48,10 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
             kwargs["num_cpus"] = num_cpus
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
+        # address="local": always a fresh cluster, never one named by $RAY_ADDRESS or left
+        # running by an earlier `ray start` (which plain ray.init() would silently attach to).
         # Ray ships the driver's working directory to local workers' sys.path already.
-        ray.init(**kwargs)
+        ray.init(address="local", **kwargs)
         return Cluster(True, time.perf_counter() - t0)
     # runtime_env (e.g. {"working_dir": …}) ships the model's code to every node; inside a
     # `ray job submit --working-dir` job the job's own runtime env already does that.
@@ -59,6 +66,56 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def wants_gpus(device: str, cluster_gpus: int, tp_size: int) -> bool:
+    """Whether ranks get GPU bundles: always for "cuda"; for "auto" only when the cluster has a
+    GPU for every rank (fewer would leave the placement group waiting for GPUs that never come)."""
+    return device == "cuda" or (device == "auto" and cluster_gpus >= tp_size)
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """Total resources of each alive node (what could ever be reserved, not what is free now)."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def rank_bundle(use_gpu: bool, cpus_per_rank: float) -> dict[str, float]:
+    """The resources one rank reserves."""
+    return {"GPU": 1, "CPU": cpus_per_rank} if use_gpu else {"CPU": cpus_per_rank}
+
+
+def _ranks_per_node(node: dict[str, float], bundle: dict[str, float], cap: int) -> int:
+    """How many bundles fit on `node` at once, at most `cap` (a bundle of zeros fits any number)."""
+    # The epsilon keeps 1.5 CPUs / 0.5 per rank from flooring to 2 through float error.
+    fits = [int(node.get(k, 0) / v + 1e-9) for k, v in bundle.items() if v > 0]
+    return min([cap, *fits])
+
+
+def placement_shortfall(tp_size: int, bundle: dict[str, float], strategy: str,
+                        nodes: list[dict[str, float]]) -> str | None:
+    """Why `tp_size` bundles can never be placed with `strategy` on `nodes` (their total
+    resources, as from alive_nodes()), or None if they can once the nodes are free."""
+    per_node = [_ranks_per_node(n, bundle, tp_size) for n in nodes]
+    if strategy == "STRICT_PACK":
+        best = max(per_node, default=0)
+        if best >= tp_size:
+            return None
+        why = f"STRICT_PACK needs one node with room for all {tp_size} ranks; the roomiest fits {best}"
+    elif strategy == "STRICT_SPREAD":
+        usable = sum(1 for n in per_node if n >= 1)
+        if usable >= tp_size:
+            return None
+        why = f"STRICT_SPREAD needs {tp_size} nodes with room for one rank each; the cluster has {usable}"
+    else:  # PACK, SPREAD: ranks may share a node
+        room = sum(per_node)
+        if room >= tp_size:
+            return None
+        why = f"the nodes have room for {room} of the {tp_size} ranks"
+    totals = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    return (f"cannot place tp={tp_size} ranks of {bundle} with placement {strategy}: {why} "
+            f"(cluster: {len(nodes)} node(s), {totals['CPU']:g} CPU and {totals['GPU']:g} GPU in all)")
+
+
 def reserve(tp_size: int, use_gpu: bool, cpus_per_rank: float, strategy: str, timeout_s: float) -> Any:
     """A placement group of one bundle per rank; raises with what is missing if it can't be had."""
     import ray
@@ -66,7 +123,7 @@ def reserve(tp_size: int, use_gpu: bool, cpus_per_rank: float, strategy: str, ti
 
     if strategy not in STRATEGIES:
         raise ValueError(f"placement strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    bundle = {"GPU": 1, "CPU": cpus_per_rank} if use_gpu else {"CPU": cpus_per_rank}
+    bundle = rank_bundle(use_gpu, cpus_per_rank)
     pg = placement_group([dict(bundle) for _ in range(tp_size)], strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:

@@ -4,18 +4,23 @@
         report = orch.warmup([1, 2, 4, 8])
         logits = orch.run(input_ids, positions, seq_ids)
 
-`address=None` starts an embedded Ray cluster on 127.0.0.1; "auto" or an address attaches to a
-running one. Workers on one node share the cache root; ranks whose pieces are identical share
-one compile through the cache's compute-once locks.
+`address=None` starts a fresh embedded Ray cluster on 127.0.0.1 (or uses the one this process
+already joined); "auto" or an address attaches to a running one. Workers on one node share the
+cache root; ranks whose pieces are identical share one compile through the cache's compute-once
+locks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+import warnings
 from typing import Any
 
-from orchestrator.cluster import cluster_gpus, connect, reserve
+from cache import default_root
+from orchestrator.cluster import (
+    STRATEGIES, alive_nodes, cluster_gpus, connect, placement_shortfall, rank_bundle, reserve, wants_gpus)
 from orchestrator.progress import ProgressView
 from orchestrator.report import RunReport
 from workers.config import CompilationConfig
@@ -28,10 +33,12 @@ DEFAULT_SIZES = [1, 2, 4, 8]
 
 
 class WarmupError(RuntimeError):
-    """One or more ranks failed; `failures` lists rank, phase and cause of each."""
+    """One or more ranks failed; `failures` lists rank, phase and cause of each. When it leaves
+    warmup(), `report` is a RunReport of every attempt's failures (for --report/--trace)."""
 
     def __init__(self, failures: list[dict[str, Any]]):
         self.failures = failures
+        self.report: RunReport | None = None
         lines = [f"rank {f['rank']} failed in phase {f['phase']!r}: {f['cause']}" for f in failures]
         super().__init__("; ".join(lines))
 
@@ -76,6 +83,13 @@ class Orchestrator:
             raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        if placement not in STRATEGIES:
+            raise ValueError(f"placement must be one of {', '.join(STRATEGIES)}, got {placement!r}")
+        if runtime_env and address is None:
+            # connect() only passes runtime_env when attaching; local workers already import from
+            # this process's working directory.
+            warnings.warn("runtime_env is ignored with address=None (the embedded local cluster); "
+                          "pass address='auto' or host:port to ship it to a running cluster", stacklevel=2)
         parse_model_spec(model)
         self.model = model
         self.model_kwargs = dict(model_kwargs or {})
@@ -100,6 +114,8 @@ class Orchestrator:
         self.orchestration: dict[str, float] = {}
         self.device = "cpu"
         self.started = False
+        # The capture sizes the running workers were set up with (they keep them until restarted).
+        self.started_sizes: list[int] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -123,8 +139,12 @@ class Orchestrator:
         gpus = cluster_gpus()
         if self.device_request == "cuda" and gpus < 1:
             raise RuntimeError("device='cuda' but the Ray cluster has no GPUs")
-        use_gpu = self.device_request != "cpu" and gpus >= 1
+        use_gpu = wants_gpus(self.device_request, gpus, self.tp_size)
+        if self.device_request == "auto" and 0 < gpus < self.tp_size:
+            log.warning("device auto: the cluster has %d GPU(s) for tp=%d; running every rank on CPU",
+                        gpus, self.tp_size)
         self.device = "cuda" if use_gpu else "cpu"
+        self._check_placement(use_gpu)
         self.pg = reserve(self.tp_size, use_gpu, self.cpus_per_rank, self.placement, self.placement_timeout_s)
         actor_cls = ray.remote(KilnWorker)
         self.workers = [
@@ -147,10 +167,27 @@ class Orchestrator:
             "device": self.device, "driver_factors": driver_factors(self.device),
             "master_addr": self.nodes[0]["node"], "master_port": port,
             "cache_root": self.cache_root, "progress": self.board, "timeout_s": self.timeout_s,
+            # A 'path/file.py:factory' spec is relative to the driver's directory; workers look
+            # there after their own (which differs on another node or under a Ray job).
+            "search_dirs": [os.getcwd()],
         }
         self._gather([w.setup.remote(payload) for w in self.workers], "setup")
         self.orchestration["broadcast"] = time.perf_counter() - t1
         self.started = True
+        self.started_sizes = self._run_sizes()
+
+    def _check_placement(self, use_gpu: bool) -> None:
+        """Fail at once when the ranks can never be placed, rather than after placement_timeout_s."""
+        problem = placement_shortfall(self.tp_size, rank_bundle(use_gpu, self.cpus_per_rank), self.placement,
+                                      alive_nodes())
+        if problem is None:
+            return
+        if self.address is None:
+            # The embedded cluster (or one this process already joined), taken as fixed: no
+            # autoscaler will add the missing nodes, so waiting could only end in a timeout.
+            raise RuntimeError(f"{problem}; lower tp, give the cluster more CPUs (num_cpus, --num-cpus), "
+                               "use device 'cpu' or choose another placement")
+        log.warning("%s; waiting up to %.0f s for nodes to join", problem, self.placement_timeout_s)
 
     def _teardown_workers(self) -> None:
         import ray
@@ -162,6 +199,7 @@ class Orchestrator:
             except Exception:  # already dead
                 pass
         self.workers, self.board = [], None
+        self.started_sizes = None
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
@@ -237,45 +275,82 @@ class Orchestrator:
 
     # ---- the work -----------------------------------------------------------------------------
 
+    def _run_sizes(self) -> list[int]:
+        return list(self.config.cudagraph_capture_sizes or DEFAULT_SIZES)
+
     def warmup(self, sizes: list[int] | None = None) -> RunReport:
         """Compile (or load) and capture on every rank; returns the merged run report."""
         if sizes is not None:
+            # A list or tuple only: a str or dict would iterate into something else entirely.
+            if not isinstance(sizes, (list, tuple)):
+                raise ValueError(f"sizes must be a non-empty list of positive integers, got {sizes!r}")
             bad = [s for s in sizes if not isinstance(s, int) or isinstance(s, bool) or s < 1]
             if bad or not sizes:
                 raise ValueError(f"sizes must be a non-empty list of positive integers, got {sizes!r}")
-            self.config = self.config.model_copy(update={"cudagraph_capture_sizes": sorted(set(sizes))})
-        run_sizes = list(self.config.cudagraph_capture_sizes or DEFAULT_SIZES)
-        attempts: list[dict[str, Any]] = []
+            wanted = sorted(set(sizes))
+            if self.started:
+                # The running workers were set up with the first warm-up's config; new sizes
+                # would change the config hash without reaching them.
+                if wanted != self.started_sizes:
+                    raise ValueError(
+                        f"sizes {wanted} differ from this Orchestrator's first warm-up ({self.started_sizes}); "
+                        "its workers keep the first config: make a new Orchestrator (or call shutdown() first)")
+            else:
+                self.config = self.config.model_copy(update={"cudagraph_capture_sizes": wanted})
+        run_sizes = self._run_sizes()
+        # Failures of attempts that a retry followed, tagged so the report does not call the run failed.
+        retried: list[dict[str, Any]] = []
         started_at = time.time()
         t0 = time.perf_counter()
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(1, self.max_retries + 2):
             try:
                 if not self.started:
                     self.start()
                 view = ProgressView(self.tp_size, enabled=self.show_progress)
-                reports = self._gather([w.warmup.remote(run_sizes) for w in self.workers], "warmup", view=view)
+                reports = self._gather([w.warmup.remote(run_sizes) for w in self.workers], "warmup",
+                                       timeout=self.timeout_s, view=view)
                 view.close()
                 break
             except WarmupError as exc:
-                attempts.extend(exc.failures)
-                if attempt == self.max_retries:
+                failures = [{**f, "attempt": attempt} for f in exc.failures]
+                if attempt == self.max_retries + 1:
+                    exc.report = self._merge([], run_sizes, t0, started_at, [*retried, *failures])
                     raise
-                log.warning("warm-up attempt %d failed (%s); retrying with what the cache holds", attempt + 1, exc)
+                retried += [{**f, "retried": True} for f in failures]
+                log.warning("warm-up attempt %d failed (%s); retrying with what the cache holds", attempt, exc)
+        return self._merge(reports, run_sizes, t0, started_at, retried)
+
+    def _merge(self, reports: list[dict[str, Any]], sizes: list[int], t0: float, started_at: float,
+               failures: list[dict[str, Any]]) -> RunReport:
         return RunReport.merge(
-            reports, config_hash=self.config.compute_hash(), cache_root=str(self.cache_root or ""),
-            model=self.model, tp_size=self.tp_size, sizes=run_sizes, wall_seconds=time.perf_counter() - t0,
-            orchestration=dict(self.orchestration), started_at=started_at, failures=attempts)
+            reports, config_hash=self.config.compute_hash(), cache_root=self._report_cache_root(reports),
+            model=self.model, tp_size=self.tp_size, sizes=sizes, wall_seconds=time.perf_counter() - t0,
+            orchestration=dict(self.orchestration), started_at=started_at, failures=failures)
+
+    def _report_cache_root(self, reports: list[dict[str, Any]]) -> str:
+        """Where the cache really is: the ranks resolved the root themselves ({node}/{rank}
+        expanded, $KILN_CACHE_ROOT read on their node), and each entry is <root>/<key>."""
+        roots = sorted({os.path.dirname(os.path.normpath(r["cache_dir"])) for r in reports if r.get("cache_dir")})
+        if roots:
+            return ", ".join(roots)  # several with {node} or {rank} in the root
+        # No rank opened an entry (a failure, or level 0): what the workers would have resolved.
+        return os.path.expanduser(self.cache_root) if self.cache_root else str(default_root())
+
+    def _require_started(self, call: str) -> None:
+        if not self.started:
+            raise RuntimeError(f"{call} needs a warm-up first: call warmup()")
 
     def run(self, *inputs: Any, decode: bool | None = None) -> Any:
         """One forward on every rank; returns rank 0's output (a CPU tensor)."""
-        if not self.started:
-            raise RuntimeError("run() needs a warm-up first: call warmup()")
+        self._require_started("run()")
         return self._gather([w.run.remote(list(inputs), decode) for w in self.workers], "run")[0]
 
     def reset_cache(self) -> None:
         """Zero every rank's KV cache (models that have one)."""
+        self._require_started("reset_cache()")
         self._gather([w.reset_cache.remote() for w in self.workers], "reset_cache")
 
     def time_decode(self, batch: int, steps: int = 50) -> list[dict[str, float]]:
         """Per-rank median decode-step latency at `batch` (all ranks step together)."""
+        self._require_started("time_decode()")
         return self._gather([w.time_decode.remote(batch, steps) for w in self.workers], "time_decode")

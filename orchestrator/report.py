@@ -44,7 +44,8 @@ def phase_kind(name: str) -> str:
     """Classify a phase name as one of PHASE_KINDS (the table columns and trace categories)."""
     if name in ("dynamo_trace", "split"):
         return "trace"
-    if name.startswith("compile piece"):
+    # "compile" alone: levels 1 and 2 compile the whole forward as one phase.
+    if name == "compile" or name.startswith("compile piece"):
         return "compile"
     if name.startswith("load piece"):
         return "load"
@@ -99,8 +100,10 @@ def _failure_from_error(rank: int | None, error: dict) -> dict:
 
 
 def _failure_sort_key(f: dict) -> tuple:
-    # Driver-level failures (rank None) go last; str() keeps None phases comparable.
-    return (f.get("rank") is None, f.get("rank") or 0, str(f.get("phase")), str(f.get("cause")))
+    # Attempts in order, the final one's (no "retried") last; within one, driver-level failures
+    # (rank None) go last; str() keeps None phases comparable.
+    return (not f.get("retried"), f.get("attempt") or 0, f.get("rank") is None, f.get("rank") or 0,
+            str(f.get("phase")), str(f.get("cause")))
 
 
 def _rank_number(report: dict) -> int:
@@ -141,13 +144,15 @@ class RunReport:
               tp_size: int, sizes: Iterable[int], wall_seconds: float, orchestration: dict[str, float],
               started_at: float, failures: Iterable[dict] = ()) -> RunReport:
         """Merge the workers' reports. `failures` adds what no worker could report itself (an
-        actor that died, a timeout); each worker's own `error` is added here, duplicates dropped."""
+        actor that died, a timeout); each worker's own `error` is added here, duplicates dropped.
+        A failure with "retried": true belongs to an earlier attempt (number "attempt") that a
+        retry made good: it is on record but does not make the report fail."""
         ranks = sorted((_normalize_rank(r) for r in worker_reports), key=_rank_number)
         found = [_failure_from_error(r.get("rank"), r["error"]) for r in ranks if r["error"]]
-        # One entry per (rank, phase, cause); a duplicate's extra keys (a traceback) are kept.
+        # One entry per (rank, phase, cause, attempt); a duplicate's extra keys (a traceback) are kept.
         unique: dict[tuple, dict] = {}
         for f in [*found, *failures]:
-            key = (f.get("rank"), str(f.get("phase")), str(f.get("cause")))
+            key = (f.get("rank"), str(f.get("phase")), str(f.get("cause")), f.get("attempt"))
             unique.setdefault(key, {}).update(f)
         return cls(
             config_hash=config_hash,
@@ -166,8 +171,9 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        """True when no rank and no driver step failed."""
-        return not self.failures
+        """True when no rank and no driver step failed in the final attempt (failures that a
+        retry made good stay on record without failing the run)."""
+        return not any(not f.get("retried") for f in self.failures)
 
     def totals(self) -> dict:
         """Counters summed over ranks, plus the slowest rank's wall_seconds."""
@@ -250,7 +256,8 @@ class RunReport:
         for f in self.failures:
             where = f"rank {f['rank']}" if f.get("rank") is not None else "driver"
             phase = f" in {f['phase']}" if f.get("phase") else ""
-            lines.append(f"FAILED {where}{phase}: {f.get('cause')}")
+            label = f"attempt {f.get('attempt') or '?'} failed (retried): " if f.get("retried") else "FAILED "
+            lines.append(f"{label}{where}{phase}: {f.get('cause')}")
         return lines
 
     def _cudagraph_groups(self) -> dict[str, list]:
@@ -374,6 +381,22 @@ def _atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
             raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise ReportError naming `path` if a report could not be written there: a directory is
+    in the way, or the nearest existing ancestor is not a writable directory. Creates nothing,
+    so a caller can check before long work and write (creating parents) after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ReportError(f"cannot write {path}: it is a directory")
+    for ancestor in [path.parent, *path.parent.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ReportError(f"cannot write {path}: {ancestor} exists and is not a directory")
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise ReportError(f"cannot write {path}: {ancestor} is not writable")
+            return
 
 
 def _make_parent(path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from workers.compile_modes import CompilationLevel
-from workers.compiler import PiecewiseBackend
+from workers.compiler import PiecewiseBackend, inductor_config_patches
 from workers.config import CompilationConfig
 from workers.custom_ops import check_custom_op_names
 from workers.record import CompileRecord
@@ -26,6 +26,30 @@ def _lookup_backend(name: str) -> Callable[..., Any]:
         return torch._dynamo.lookup_backend(name)
     except Exception as exc:
         raise ValueError(f"backend: unknown torch.compile backend {name!r} ({exc})") from None
+
+
+def _dynamo_backend(config: CompilationConfig) -> Callable[..., Any]:
+    """The torch.compile backend of levels 1 and 2. With Inductor, the config's Inductor options
+    and passes apply as they do at level 3; another backend cannot take them, so setting them
+    is an error rather than a silent no-op."""
+    if config.backend != "inductor":
+        # (pass_config's switches, on by default, simply have no Inductor to run in.)
+        given = [name for name in ("inductor_compile_config", "inductor_passes") if getattr(config, name)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: apply to Inductor only, but backend is {config.backend!r}")
+        return _lookup_backend(config.backend)
+    patches = inductor_config_patches(config)
+    if not patches:
+        return _lookup_backend("inductor")
+
+    def inductor_with_config(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        with inductor_config.patch(patches):
+            return compile_fx(gm, example_inputs)
+
+    return inductor_with_config
 
 
 def compile_forward(
@@ -46,9 +70,9 @@ def compile_forward(
     if level == CompilationLevel.NO_COMPILATION:
         return module, None
     if level == CompilationLevel.DYNAMO_AS_IS:
-        return torch.compile(module, backend=_lookup_backend(config.backend)), None
+        return torch.compile(module, backend=_dynamo_backend(config)), None
     if level == CompilationLevel.DYNAMO_ONCE:
-        return TraceOnce(module, _lookup_backend(config.backend)), None
+        return TraceOnce(module, _dynamo_backend(config)), None
     backend = PiecewiseBackend(config, store, rank=rank, record=record)
     return TraceOnce(module, backend), backend
 

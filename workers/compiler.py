@@ -50,10 +50,11 @@ _EXTRACT_DIR: tempfile.TemporaryDirectory | None = None
 
 
 def _device_of(example_inputs: Sequence[Any]) -> torch.device:
-    for value in example_inputs:
-        if isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cpu")
+    """The device the graph computes on: a CUDA input's if there is one (a CPU-side tensor among
+    the inputs must not key CUDA artifacts with CPU factors), else the first tensor's."""
+    tensors = [v for v in example_inputs if isinstance(v, torch.Tensor)]
+    cuda = [t for t in tensors if t.device.type == "cuda"]
+    return (cuda or tensors)[0].device if tensors else torch.device("cpu")
 
 
 def _concrete(value: Any, size: int) -> int:
@@ -92,7 +93,7 @@ def concrete_inputs(fake_args: Sequence[Any], size: int, real_by_id: dict[int, A
     out: list[Any] = []
     for value in fake_args:
         if isinstance(value, torch.SymInt):
-            out.append(size)
+            out.append(_concrete(value, size))  # 4*s0 is not s0
         elif isinstance(value, torch.Tensor):
             real = real_by_id.get(id(value))
             if real is not None and all(isinstance(s, int) for s in value.shape):
@@ -104,6 +105,38 @@ def concrete_inputs(fake_args: Sequence[Any], size: int, real_by_id: dict[int, A
         else:
             out.append(value)
     return out
+
+
+def inductor_config_patches(config: CompilationConfig) -> dict[str, Any]:
+    """Inductor config for compiling this config's graphs: `inductor_compile_config` (each option
+    checked to exist) plus, when there are any, kiln's and the user's post-grad passes."""
+    from torch._inductor import config as inductor_config
+
+    patches = dict(config.inductor_compile_config)
+    for key in patches:
+        obj = inductor_config
+        for part in key.split("."):
+            if not hasattr(obj, part):
+                raise ValueError(f"inductor_compile_config: unknown Inductor option {key!r}")
+            obj = getattr(obj, part)
+    passes = PostGradPassManager(config.resolved_passes, config.pass_config.enable_noop)
+    if passes.noop is not None or passes.user_passes:
+        patches["post_grad_custom_post_pass"] = passes
+    return patches
+
+
+def dump_graphs(directory: str, gm: fx.GraphModule, split_gm: fx.GraphModule, pieces: Sequence[Piece]) -> None:
+    """config.debug_dump_path: the traced graph, the split graph and each piece's code, as
+    readable Python (a debugging aid; a failure to write warns and compiling goes on)."""
+    files = {"traced_graph.py": gm, "split_graph.py": split_gm}
+    files.update({f"piece_{p.index:03d}{'_splitting' if p.is_splitting else ''}.py": p.module for p in pieces})
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for name, module in files.items():
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                f.write(module.print_readable(print_output=False))
+    except OSError as exc:
+        log.warning("debug_dump_path: cannot write graphs to %s: %s", directory, exc)
 
 
 class PiecewiseBackend:
@@ -126,7 +159,7 @@ class PiecewiseBackend:
         self.runners: list[PieceRunner] = []
         self._done: dict[str, Callable[..., Any]] = {}  # graph key -> callable, this process
         self._index: dict[str, dict[str, Any]] = {}
-        self._inductor_patches = self._inductor_config_patches()
+        self._inductor_patches = inductor_config_patches(config)
 
     # ---- Dynamo entry point -------------------------------------------------------------------
 
@@ -136,6 +169,8 @@ class PiecewiseBackend:
         with record.phase("split") as facts:
             split_gm, pieces = split_graph(gm, list(self.config.splitting_ops or []))
             facts["pieces"] = len(pieces)
+        if self.config.debug_dump_path:
+            dump_graphs(os.path.join(self.config.debug_dump_path, f"rank_{self.rank}"), gm, split_gm, pieces)
         record.pieces_total += len(pieces)
         record.pieces_splitting += sum(p.is_splitting for p in pieces)
         record.pieces_compiled += sum(not p.is_splitting for p in pieces)
@@ -171,8 +206,12 @@ class PiecewiseBackend:
             split_gm.__dict__[name] = runner
         self.runners = [runners[p.name] for p in pieces]
         record.unique_pieces = len({k.split("-s")[0] for k in self._done})
-        if self.entry is not None and self._index:
-            self.entry.rank_index(self.rank).update(self._index)
+        if self.entry is not None:
+            # Only blobs that are on disk: a write that failed (disk full) must not leave the
+            # index naming a blob nobody stored.
+            stored = {name: v for name, v in self._index.items() if v["digest"] and self.entry.has_blob(v["digest"])}
+            if stored:
+                self.entry.rank_index(self.rank).update(stored)
         return split_gm
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -262,8 +301,9 @@ class PiecewiseBackend:
                 with record.phase(f"load piece {piece.index} size {size}", graph_key=graph_key, bytes=len(data)):
                     fn = load_graph(data, _extract_root())
             except ArtifactError as exc:
-                # Verified bytes that torch cannot load: drop them and compile afresh.
-                entry.invalidate(graph_key, str(exc))
+                # Verified bytes that torch cannot load: drop them (unless another rank already
+                # replaced them) and compile afresh.
+                entry.invalidate(graph_key, str(exc), digest)
                 record.warnings.append(f"artifact for piece {piece.index} size {size} unusable: {exc}")
                 continue
             record.artifacts_loaded += 1
@@ -302,18 +342,3 @@ class PiecewiseBackend:
         self.record.cache_dir = str(entry.path)
         self.config.set_local_cache_dir(os.fspath(entry.path))
         return entry
-
-    def _inductor_config_patches(self) -> dict[str, Any]:
-        from torch._inductor import config as inductor_config
-
-        patches = dict(self.config.inductor_compile_config)
-        for key in patches:
-            obj = inductor_config
-            for part in key.split("."):
-                if not hasattr(obj, part):
-                    raise ValueError(f"inductor_compile_config: unknown Inductor option {key!r}")
-                obj = getattr(obj, part)
-        passes = PostGradPassManager(self.config.resolved_passes, self.config.pass_config.enable_noop)
-        if passes.noop is not None or passes.user_passes:
-            patches["post_grad_custom_post_pass"] = passes
-        return patches

@@ -104,8 +104,10 @@ class CompilationConfig(BaseModel):
     """Inductor config overrides (JSON values; nested options spelled "triton.cudagraphs")."""
 
     inductor_passes: dict[str, Any] = {}
-    """Inductor pass hooks (e.g. "post_grad_custom_post_pass") → a callable or its qualified
-    name ("pkg.mod:attr" or "pkg.mod.attr"), resolved when the config is built."""
+    """Custom Inductor passes: a name (a label, used in errors) → a callable taking the post-grad
+    fx.Graph, or its qualified name ("pkg.mod:attr" or "pkg.mod.attr"), resolved when the config
+    is built. They run as post-grad passes after kiln's own, in the order given; each pass's
+    source is part of the hash."""
 
     cudagraph_mode: CUDAGraphMode | None = None
     """CUDA graph capture mode, a name in any case. None resolves to FULL_AND_PIECEWISE at
@@ -136,7 +138,8 @@ class CompilationConfig(BaseModel):
     """Root of the kiln cache; "" for the default. Never part of the hash."""
 
     debug_dump_path: str = ""
-    """Directory for debug dumps (graphs, generated code); "" for none."""
+    """Directory for debug dumps, "" for none: at level 3 each rank writes the traced graph,
+    the split graph and every piece's code to `<path>/rank_<r>/` (never part of the hash)."""
 
     # Runtime state, not config (set in model_post_init, then by init_with_cudagraph_sizes and
     # the backend). Plain assignments there rather than PrivateAttr(default_factory=...), which
@@ -307,7 +310,8 @@ class CompilationConfig(BaseModel):
         Capture sizes are `cudagraph_capture_sizes` if set, else `default_sizes`; stored back
         de-duplicated, largest first. `bs_to_padded_graph_size[b]` is the smallest capture size
         >= b for 1 <= b <= max_capture_size (index 0 holds 0); larger batches run without
-        graphs. Computed even with cudagraph_mode NONE: dispatch pads with it. Idempotent.
+        graphs. Computed whatever the cudagraph_mode (the table is the config's; only graph
+        dispatch pads with it). Idempotent: once sizes are fixed, later calls keep them.
         """
         if self.cudagraph_capture_sizes is not None:
             sizes = list(self.cudagraph_capture_sizes)

@@ -38,7 +38,8 @@ def load_factory(spec: str, search_dirs: tuple[str, ...] = ()) -> Callable[..., 
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as exc:
+        except (ImportError, TypeError, ValueError) as exc:
+            # TypeError/ValueError: names importlib rejects outright (relative ".x", empty).
             raise ModelSpecError(f"model spec {spec!r}: cannot import module {target!r}: {exc}") from None
     obj: Any = module
     for part in attr.split("."):

@@ -15,9 +15,10 @@ import torch
 
 
 def size_index(example_inputs: Sequence[Any]) -> int | None:
-    """Index of the first SymInt input: the batch size a piece receives at run time."""
+    """Index of the first input that is the batch symbol itself (not an expression of it such
+    as 4*s0): the batch size a piece receives at run time, which picks its artifact."""
     for i, value in enumerate(example_inputs):
-        if isinstance(value, torch.SymInt):
+        if isinstance(value, torch.SymInt) and value.node.expr.is_Symbol:
             return i
     return None
 

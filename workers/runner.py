@@ -15,7 +15,10 @@ graph replay are kiln's static outputs: valid until the next call (clone to keep
 
 Static input buffers: with `cudagraph_copy_inputs` kiln copies the inputs into its buffers.
 Without it the caller writes batches into `input_buffers(b)` (views of kiln's buffers) and
-passes those views; kiln checks the addresses and refuses anything else.
+passes those views; kiln checks the addresses and refuses anything else. `place(*inputs)` does
+that copy for callers that hold their batches elsewhere (the Ray worker's run()). Either way an
+input must match its buffer's trailing shape, dtype and device: a mismatch is an error, never a
+silent broadcast or cast.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class KilnModel:
             self.model, config, store=self.store, rank=self.rank, record=record)
         # Trace with a batch of at least 2: Dynamo specializes sizes 0 and 1.
         trace_size = max(2, config.max_capture_size)
-        t0 = time.time()
+        t0, t0_mono = time.time(), time.perf_counter()
         with torch.no_grad():
             self.forward_fn(*self.dummy_inputs(trace_size))
         times = getattr(self.forward_fn, "times", None)
@@ -117,7 +120,7 @@ class KilnModel:
             record.phases.append(_phase("first_run", times.backend_end, time.time()))
         else:
             record.phases.append(_phase("compile" if config.level else "eager_run", t0, time.time()))
-        config.add_compilation_time(time.time() - t0)
+        config.add_compilation_time(time.perf_counter() - t0_mono)
         if self.mode != CUDAGraphMode.NONE:
             self._capture()
         return record
@@ -162,9 +165,28 @@ class KilnModel:
             raise RuntimeError("no static input buffers: CUDA graphs were not captured")
         return tuple(b[:n] for b in self._buffers)
 
+    def uses_graphs(self, n: int) -> bool:
+        """Whether a batch of n runs on captured graphs (and so on kiln's static buffers)."""
+        return self.mode != CUDAGraphMode.NONE and 0 < n <= self.config.max_capture_size
+
+    def place(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`inputs` as kiln will take them: with graphs and cudagraph_copy_inputs=False, copied
+        into the views of `input_buffers(n)` (the caller's side of the no-copy contract, for
+        callers that do not keep their own batches in kiln's buffers); otherwise unchanged."""
+        n = inputs[0].shape[0]
+        if self.config.cudagraph_copy_inputs or not self.uses_graphs(n):
+            return inputs
+        self._check_inputs(inputs)
+        views = self.input_buffers(n)
+        for view, value in zip(views, inputs):
+            view.copy_(value)
+        return views
+
     def __call__(self, *inputs: torch.Tensor, decode: bool | None = None) -> Any:
         n = inputs[0].shape[0]
-        if self.mode == CUDAGraphMode.NONE or n > self.config.max_capture_size or n == 0:
+        if n == 0:
+            raise ValueError("a batch of 0 tokens: kiln runs batches of at least 1")
+        if not self.uses_graphs(n):
             return self.forward_fn(*inputs)
         if decode is None and self.mode.separate_routine():
             is_decode = getattr(self.model, "is_decode_batch", None)
@@ -182,8 +204,20 @@ class KilnModel:
                 out = self.forward_fn(*[b[:size] for b in self._buffers])
         return _rows(out, n)
 
+    def _check_inputs(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        """The inputs fit kiln's static buffers: same count, trailing shape, dtype and device
+        (copy_ would broadcast or cast silently)."""
+        if len(inputs) != len(self._buffers):
+            raise ValueError(f"expected {len(self._buffers)} inputs, got {len(inputs)}")
+        for i, (buf, value) in enumerate(zip(self._buffers, inputs)):
+            if (value.shape[1:], value.dtype, value.device) != (buf.shape[1:], buf.dtype, buf.device):
+                raise ValueError(
+                    f"input {i}: shape {tuple(value.shape)} {value.dtype} on {value.device} does not fit "
+                    f"kiln's static buffer (N, {', '.join(map(str, buf.shape[1:]))}) {buf.dtype} on {buf.device}")
+
     def _stage_inputs(self, inputs: tuple[torch.Tensor, ...], n: int, size: int) -> None:
         if self.config.cudagraph_copy_inputs:
+            self._check_inputs(inputs)
             for buf, value in zip(self._buffers, inputs):
                 buf[:n].copy_(value)
         else:

@@ -68,7 +68,8 @@ def _constants_digest(gm: fx.GraphModule) -> str:
             if isinstance(value, torch.Tensor):
                 cpu = value.detach().cpu().contiguous()
                 h.update(f"{cpu.dtype}{tuple(cpu.shape)}".encode())
-                h.update(cpu.view(torch.uint8).numpy().tobytes() if cpu.numel() else b"")
+                # reshape first: a 0-dim tensor cannot be viewed as bytes
+                h.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes() if cpu.numel() else b"")
             else:
                 h.update(repr(value).encode())
     return h.hexdigest()

@@ -32,8 +32,12 @@ class _Arg:
     value: Any = None
 
 
-def _plan_from_graph(gm: fx.GraphModule, params: list[str]) -> list[_Arg] | None:
-    """How to build the graph's inputs from the forward's arguments, or None if we can't."""
+def _plan_from_graph(gm: fx.GraphModule, params: list[str], held: set[int]) -> list[_Arg] | None:
+    """How to build the graph's inputs from the forward's arguments, or None if we can't.
+
+    `held`: ids of the module's parameters and buffers, the only tensors that may be bound as
+    constants (any other tensor input, say one passed inside a list, changes between calls).
+    """
     from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
 
     plan: list[_Arg] = []
@@ -45,7 +49,8 @@ def _plan_from_graph(gm: fx.GraphModule, params: list[str]) -> list[_Arg] | None
         elif (isinstance(source, TensorPropertySource) and source.prop == TensorProperty.SIZE
               and isinstance(source.base, LocalSource) and source.base.local_name in params):
             plan.append(_Arg("size", params.index(source.base.local_name), source.idx))
-        elif grapharg is not None and isinstance(grapharg.example, torch.Tensor):
+        elif (grapharg is not None and isinstance(grapharg.example, torch.Tensor)
+              and id(grapharg.example) in held):
             # parameters and buffers: fixed objects, updated in place if at all
             plan.append(_Arg("const", value=grapharg.example))
         else:
@@ -60,7 +65,6 @@ class TraceTimes:
     dynamo_start: float = 0.0
     backend_start: float = 0.0
     backend_end: float = 0.0
-    first_call_end: float = 0.0
 
 
 class TraceOnce:
@@ -81,12 +85,14 @@ class TraceOnce:
 
     def _capture(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         if self._graph_fn is not None:
-            raise RuntimeError(
-                "kiln traces the forward once and never recompiles, but Dynamo asked for a second "
-                "graph: the forward's control flow or input types changed between calls"
-            )
+            why = ("the forward's control flow or input types changed between calls" if self.direct else
+                   "calls go through Dynamo (the forward's inputs could not be bound directly: see the "
+                   "warning above), and Dynamo specializes batch sizes 0 and 1 and changed guards")
+            raise RuntimeError(f"kiln traces the forward once and never recompiles, but Dynamo asked for "
+                               f"a second graph: {why}")
         self.times.backend_start = time.time()
-        self._plan = _plan_from_graph(gm, self.params)
+        held = {id(t) for t in (*self.module.parameters(), *self.module.buffers())}
+        self._plan = _plan_from_graph(gm, self.params, held)
         self._graph_fn = self.backend(gm, example_inputs)
         self.times.backend_end = time.time()
         return self._graph_fn
@@ -101,7 +107,6 @@ class TraceOnce:
         self._dynamo_fn = torch.compile(self.module, backend=self._capture, fullgraph=True)
         self.times.dynamo_start = time.time()
         result = self._dynamo_fn(*inputs)
-        self.times.first_call_end = time.time()
         self._bind_outputs(result, inputs)
         return result
 

@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from workers.compiler_factors import kiln_version
 
@@ -232,9 +233,11 @@ class KilnWorker:
                 raise RuntimeError("run() before warmup(): nothing is compiled yet")
             args = [t.to(self.device) if isinstance(t, torch.Tensor) else t for t in inputs]
             with torch.no_grad():
-                out = self.kiln(*args, decode=decode)
+                out = self.kiln(*self.kiln.place(*args), decode=decode)
             self.phase = "ready"
-            return out.cpu() if self.rank == 0 else None
+            if self.rank != 0:
+                return None
+            return tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, out)
         except BaseException as exc:  # noqa: BLE001
             raise self._fail(exc) from None
 
@@ -246,7 +249,7 @@ class KilnWorker:
         """Median latency of a decode step of `batch` sequences on this rank (CUDA events)."""
         import statistics
 
-        inputs = self.model.example_inputs(batch)
+        inputs = self.kiln.place(*self.model.example_inputs(batch))
         times = []
         with torch.no_grad():
             for i in range(warmup + steps):
@@ -268,7 +271,7 @@ class KilnWorker:
     def collective_calls(self, batch: int) -> int:
         """Host-side all-reduce launches during one decode step (0 when they run inside a
         replayed CUDA graph): how one checks that the collectives were captured."""
-        inputs = self.model.example_inputs(batch)
+        inputs = self.kiln.place(*self.model.example_inputs(batch))
         with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             self.kiln(*inputs, decode=True)
             if self.device.type == "cuda":

@@ -111,11 +111,12 @@ def test_config_fields_that_matter_miss_and_others_hit(module_tmp):
     one_layer = {"layers": 1}
     base = run_child({"root": root, "model": one_layer, "sizes": [2], "check_sizes": [2]}, module_tmp)
     assert base["record"]["inductor_compiles"] == 2  # first and last piece, symbolic only
-    irrelevant = {"debug_dump_path": "somewhere", "cudagraph_num_of_warmups": 3,
+    irrelevant = {"debug_dump_path": str(module_tmp / "dump"), "cudagraph_num_of_warmups": 3,
                   "cudagraph_capture_sizes": [1, 2, 8], "cache_dir": "elsewhere"}
     same = run_child({"root": root, "model": one_layer, "config": irrelevant, "sizes": [2],
                       "check_sizes": [2]}, module_tmp)
     assert same["record"]["cache_hits"] == 2 and same["record"]["inductor_compiles"] == 0
+    assert (module_tmp / "dump" / "rank_0" / "split_graph.py").is_file()
     changed = run_child({"root": root, "model": one_layer, "sizes": [2], "check_sizes": [2],
                          "config": {"pass_config": {"enable_noop": False}}}, module_tmp)
     assert changed["record"]["cache_key"] != base["record"]["cache_key"]

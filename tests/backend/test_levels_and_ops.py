@@ -164,24 +164,32 @@ def test_kiln_is_a_torch_compile_backend(tmp_path, monkeypatch):
     assert len(list((tmp_path / "root").iterdir())) == 1
 
 
-def test_user_inductor_pass_runs_post_grad(tmp_path, monkeypatch):
+@pytest.mark.parametrize("level", [2, 3])
+def test_user_inductor_pass_runs_post_grad(tmp_path, monkeypatch, level):
     from cache import CacheStore
     from workers.backend import compile_forward
 
-    (tmp_path / "kiln_user_pass.py").write_text(
+    module = f"kiln_user_pass_{level}"
+    (tmp_path / f"{module}.py").write_text(
         "SEEN = []\n"
         "def count_mul(graph):\n"
         "    SEEN.append(sum(1 for n in graph.nodes if 'mul' in str(n.target)))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    import kiln_user_pass
+    if level == 2:
+        # Level 2 compiles through Inductor's own caches: a hit from an earlier run would skip
+        # the compile, and so the pass. (Level 3 compiles in a private cache directory, and its
+        # artifacts are saved through those caches, so they stay on there.)
+        monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+        monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    user_pass = __import__(module)
 
     class M(torch.nn.Module):
         def forward(self, x):
             return (x * 3).sin()
 
-    config = CompilationConfig(splitting_ops=[], inductor_passes={"count": "kiln_user_pass:count_mul"})
+    config = CompilationConfig(level=level, splitting_ops=[], inductor_passes={"count": f"{module}:count_mul"})
     fn, _ = compile_forward(M(), config, store=CacheStore(tmp_path / "root"))
     x = torch.randn(5, 2)
     torch.testing.assert_close(fn(x), (x * 3).sin())
-    assert kiln_user_pass.SEEN == [1], "the pass did not run exactly once on the post-grad graph"
+    assert user_pass.SEEN == [1], "the pass did not run exactly once on the post-grad graph"

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
+from pathlib import Path
 
+import filelock
 import pytest
 from click.testing import CliRunner
 
-from cache import CacheStore
-from cache.maintenance import diff_factors, flatten, format_size, parse_size
+import cache.verify
+from cache import CacheStore, digest_bytes
+from cache.atomic import TEMP_PREFIX
+from cache.maintenance import diff_factors, flatten, format_path, format_size, parse_size
 from orchestrator.cli_cache import cache_group, format_ranks
 
 DAY = 86400
@@ -145,6 +150,87 @@ def test_verify_sets_aside_links_and_reports_unsafe_dirs(root, two_entries, tmp_
     assert outside.read_bytes() == b"not ours" and not os.path.lexists(link)
 
 
+def test_verify_reports_a_rank_index_it_cannot_quarantine(root, two_entries, monkeypatch):
+    _, new = two_entries
+    (new.path / "rank_0" / "index.json").write_text("{broken")
+    monkeypatch.setattr(cache.verify, "quarantine_file", lambda *args, **kwargs: None)  # as on a read-only mount
+    result = cli("verify", "--root", root)
+    assert result.exit_code == 1, result.output
+    assert f"problem: {new.key}/rank_0/index.json: malformed rank index" in result.output
+
+
+def test_verify_skips_what_vanishes_mid_run(root, two_entries, monkeypatch):
+    old, new = two_entries
+    orphan = old.put_blob(b"referenced by nothing")
+    real_digest_file, real_check_dir_safe = cache.verify.digest_file, cache.verify.check_dir_safe
+
+    def quarantined_meanwhile(path):  # by a warm-up that found the blob bad, say
+        if Path(path).name == orphan:
+            os.unlink(path)
+        return real_digest_file(path)
+
+    def pruned_meanwhile(path):  # prune renames the entry to trash before deleting it
+        if Path(path) == new.path:
+            os.replace(new.path, root / f".trash-{new.key}-1-0")
+        return real_check_dir_safe(path)
+
+    monkeypatch.setattr(cache.verify, "digest_file", quarantined_meanwhile)
+    monkeypatch.setattr(cache.verify, "check_dir_safe", pruned_meanwhile)
+    result = cli("verify", "--root", root)
+    assert result.exit_code == 0, result.output
+    assert "verified 1 entries: 3 blobs" in result.output
+
+
+def test_verify_reports_unreadable_files_and_quarantines_nothing(root, two_entries, monkeypatch):
+    old, _ = two_entries
+    digest, ref = old.lookup("g1")[0], old.path / "refs" / "g0.json"
+    real_digest_file, real_read = cache.verify.digest_file, cache.verify.read_file_nofollow
+
+    def eio(path):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+    monkeypatch.setattr(cache.verify, "digest_file", lambda p: eio(p) if Path(p).name == digest else real_digest_file(p))
+    monkeypatch.setattr(cache.verify, "read_file_nofollow", lambda p: eio(p) if Path(p) == ref else real_read(p))
+    indexes = {r: old.rank_index(r).path.read_bytes() for r in range(4)}
+    result = cli("verify", "--root", root)
+    assert result.exit_code == 1, result.output
+    assert f"problem: {old.key}/blobs/{digest}: cannot read it: {os.strerror(errno.EIO)}" in result.output
+    assert f"problem: {old.key}/refs/g0.json: cannot read it" in result.output
+    assert "0 quarantined, 2 problems" in result.output
+    assert not (old.path / "quarantine").exists()
+    assert {r: old.rank_index(r).path.read_bytes() for r in range(4)} == indexes  # entries naming it kept
+
+
+def test_verify_leaves_an_index_alone_if_nothing_dangles_under_the_lock(root, two_entries, monkeypatch):
+    _, new = two_entries
+    late = b"published while verify waited for the index lock"
+    new.rank_index(0).update({"late": {"digest": digest_bytes(late)}})  # its blob is not there yet
+    index = (new.path / "rank_0" / "index.json").read_bytes()
+
+    class PublishWhileWaiting(filelock.FileLock):
+        def __enter__(self):
+            new.put_blob(late)
+            return super().__enter__()
+
+    monkeypatch.setattr(filelock, "FileLock", PublishWhileWaiting)
+    result = cli("verify", "--root", root)
+    assert result.exit_code == 0, result.output
+    assert (new.path / "rank_0" / "index.json").read_bytes() == index
+    assert not (new.path / "quarantine").exists()
+
+
+def test_verify_removes_stale_temp_files_in_quarantine(root, two_entries):
+    old, _ = two_entries
+    (old.path / "quarantine").mkdir(mode=0o700)
+    stale, fresh = old.path / "quarantine" / f"{TEMP_PREFIX}1-dead", old.path / "quarantine" / f"{TEMP_PREFIX}2-live"
+    stale.write_bytes(b"half a copy")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    result = cli("verify", "--root", root)
+    assert f"removed stale temporary file {old.key}/quarantine/{stale.name}" in result.output
+    assert not stale.exists() and fresh.exists()
+
+
 # ----- prune -----
 
 
@@ -172,6 +258,16 @@ def test_prune_max_size_removes_least_recently_used(root, two_entries):
     assert CacheStore(root).keys() == [new.key]  # then the next least recently used (a day old)
     assert cli("prune", "--root", root, "--max-size", "0").exit_code == 0
     assert CacheStore(root).keys() == []
+
+
+def test_prune_not_stopped_by_a_leftover_trash_dir(root, two_entries):
+    old, new = two_entries
+    # Left by a prune killed mid-delete whose pid we now have: the old trash name, not empty.
+    (root / f".trash-{old.key}-{os.getpid()}" / "blobs").mkdir(parents=True)
+    result = cli("prune", "--root", root, "--older-than", 7)
+    assert result.exit_code == 0, result.output
+    assert CacheStore(root).keys() == [new.key]
+    assert not [n for n in os.listdir(root) if n.startswith(".trash-")]
 
 
 def test_prune_usage_errors(root, two_entries):
@@ -206,6 +302,12 @@ def test_explain_diff(root, two_entries):
     assert cli("explain", "--root", root, old.key, old.key).output.strip() == "identical factors"
 
 
+def test_explain_tells_a_dotted_key_from_nesting(root):
+    dotted, nested = CacheStore(root).entry({"a.b": 1}), CacheStore(root).entry({"a": {"b": 1}})
+    result = cli("explain", "--root", root, dotted.key, nested.key)
+    assert result.output.splitlines() == ["a.b: <absent> != 1", '"a.b": 1 != <absent>']
+
+
 def test_explain_errors(root, two_entries, tmp_path):
     old, _ = two_entries
     result = cli("explain", "--root", root, "0" * 32)
@@ -229,5 +331,8 @@ def test_sizes_and_ranks():
 
 
 def test_flatten_and_diff():
-    assert flatten({"a": {"b": {"c": 1}, "d": [1, {"x": 2}]}, "e": {}}) == {"a.b.c": 1, "a.d": [1, {"x": 2}], "e": {}}
+    flat = flatten({"a": {"b": {"c": 1}, "d": [1, {"x": 2}]}, "e": {}})
+    assert flat == {("a", "b", "c"): 1, ("a", "d"): [1, {"x": 2}], ("e",): {}}
     assert diff_factors({"a": 1}, {"a": 1}) == []
+    assert flatten({"a.b": 1}) != flatten({"a": {"b": 1}})
+    assert (format_path(("a", "b")), format_path(("a.b",)), format_path(("", "x"))) == ("a.b", '"a.b"', '"".x')

@@ -5,13 +5,16 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
 import cache.atomic
+import cache.permissions
 import cache.store
 from cache import CacheStore, UnsafeCacheError, atomic_write_bytes, digest_bytes
 from cache.atomic import TEMP_PREFIX
+from cache.permissions import ensure_private_dir
 
 RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -29,6 +32,23 @@ def test_root_created_private_whatever_the_umask(tmp_path):
     assert mode(store.root) == 0o700
     assert mode(store.entry({"a": 1}).path) == 0o700
     assert not store.read_only
+
+
+def test_parents_kiln_creates_are_private_and_fsynced(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(cache.permissions, "fsync_dir", lambda d: synced.append(Path(d)))
+    os.chmod(tmp_path, 0o755)
+    old = os.umask(0o022)
+    try:
+        ensure_private_dir(tmp_path / "a" / "b" / "root", parents=True)
+    finally:
+        os.umask(old)
+    assert [mode(tmp_path / p) for p in ("a", "a/b", "a/b/root")] == [0o700] * 3
+    assert mode(tmp_path) == 0o755  # an existing parent is not ours to change
+    # Each new directory's entry is flushed in its parent, top down.
+    assert synced == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+    with pytest.raises(FileNotFoundError):
+        ensure_private_dir(tmp_path / "x" / "y")  # without parents=True nothing is resurrected
 
 
 def test_existing_private_root_kept(tmp_path):

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import array
+import errno
 import json
 import logging
 import os
 import shutil
+import threading
+from pathlib import Path
 
+import filelock
 import pytest
 import xxhash
 
-from cache import CacheError, CacheStore, canonical_json, digest_bytes, key_from_factors
+import cache.rank_index
+import cache.store
+from cache import CacheError, CacheStore, atomic_write_json, canonical_json, digest_bytes, key_from_factors
 from cache.atomic import TEMP_PREFIX
+from cache.records import make_ref
 
 
 def quarantined(entry) -> list[str]:
@@ -287,3 +295,113 @@ def test_entry_removed_under_a_writer_is_not_resurrected(entry, caplog):
         assert entry.get_or_compute("g", lambda: b"data")[1:] == (b"data", True)
     assert not entry.path.exists()
     assert "will not be saved" in caplog.text
+
+
+# ----- transient read errors, races, wide buffers -----
+
+
+def fail_reads_of(monkeypatch, module, path, error=errno.EIO):
+    """Make `module`'s read_file_nofollow fail with `error` for `path` only (as EIO, EMFILE or
+    EACCES would; tests may run as root, where permissions cannot produce EACCES)."""
+    real = module.read_file_nofollow
+
+    def read(p):
+        if os.fspath(p) == os.fspath(path):
+            raise OSError(error, os.strerror(error), os.fspath(p))
+        return real(p)
+
+    monkeypatch.setattr(module, "read_file_nofollow", read)
+
+
+@pytest.mark.parametrize("error", [errno.EIO, errno.EMFILE, errno.EACCES])
+def test_unreadable_ref_or_blob_is_a_miss_not_corruption(entry, monkeypatch, caplog, error):
+    digest, data, _ = entry.get_or_compute("g", lambda: b"good artifact")
+    ref = entry.path / "refs" / "g.json"
+    for path in (ref, entry.blob_path(digest)):
+        with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="kiln.cache"):
+            fail_reads_of(m, cache.store, path, error)
+            assert entry.lookup("g") is None
+        assert os.strerror(error) in caplog.text
+        assert quarantined(entry) == [] and ref.exists() and entry.blob_path(digest).exists()
+    assert entry.lookup("g") == (digest, data)  # readable again: nothing was lost
+
+
+def test_unreadable_rank_index_kept_and_not_overwritten(entry, monkeypatch, caplog):
+    index = entry.rank_index(0)
+    d1, d2 = entry.put_blob(b"one"), entry.put_blob(b"two")
+    index.update({"p1": {"digest": d1}})
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="kiln.cache"):
+        fail_reads_of(m, cache.rank_index, index.path)
+        assert index.read() == {}
+        index.update({"p2": {"digest": d2}})  # merging over {} would drop p1: skipped instead
+    assert "not updating it" in caplog.text
+    assert quarantined(entry) == []
+    assert index.read() == {"p1": {"digest": d1}}
+    index.update({"p2": {"digest": d2}})
+    assert index.read() == {"p1": {"digest": d1}, "p2": {"digest": d2}}
+
+
+def test_invalidate_with_digest_spares_a_republished_graph(entry):
+    old, _, _ = entry.get_or_compute("g", lambda: b"unusable")
+    entry.invalidate("g", "another rank found it unusable", digest=old)
+    new, _, _ = entry.get_or_compute("g", lambda: b"recompiled")
+    # This rank failed to load the old blob too, and invalidates late: the fresh one stays.
+    entry.invalidate("g", "stale", digest=old)
+    assert entry.lookup("g") == (new, b"recompiled")
+    entry.invalidate("g", "this one is bad too", digest=new)
+    assert entry.lookup("g") is None and not entry.blob_path(new).exists()
+    entry.invalidate("g", "no ref: a no-op", digest=new)
+    with pytest.raises(ValueError, match="invalid blob digest"):
+        entry.invalidate("g", "x", digest="../../x")
+
+
+def test_invalidate_with_digest_waits_for_the_compile_lock(entry):
+    old, _, _ = entry.get_or_compute("g", lambda: b"unusable")
+    holder = filelock.FileLock(str(entry.path / "locks" / "g.lock"))
+    holder.acquire()  # another rank, recompiling
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (entry.invalidate("g", "stale", digest=old), done.set()))
+    thread.start()
+    try:
+        assert not done.wait(0.3), "invalidate must wait for the compile in progress"
+        # The other rank republishes under the lock (as _compute_and_publish does), then releases.
+        new = entry.put_blob(b"recompiled")
+        atomic_write_json(entry.path / "refs" / "g.json", make_ref(new, len(b"recompiled")))
+    finally:
+        holder.release()
+        thread.join(10)
+    assert done.is_set()
+    assert entry.lookup("g") == (new, b"recompiled")
+
+
+def test_publish_replaces_a_corrupt_blob_of_the_right_size(entry, caplog):
+    digest, data, _ = entry.get_or_compute("g1", lambda: b"shared artifact")
+    corrupted = bytearray(data)
+    corrupted[0] ^= 0xFF
+    entry.blob_path(digest).write_bytes(corrupted)
+    with caplog.at_level(logging.WARNING, logger="kiln.cache"):
+        # An identical graph under another key: same bytes, same digest, a fresh ref.
+        assert entry.get_or_compute("g2", lambda: b"shared artifact") == (digest, data, True)
+    assert entry.blob_path(digest).read_bytes() == data
+    assert any(n.startswith(digest + ".") for n in quarantined(entry)) and str(entry.blob_path(digest)) in caplog.text
+    assert entry.lookup("g2") == (digest, data)
+
+
+def test_put_blob_counts_bytes_of_wide_memoryviews(entry):
+    wide = memoryview(array.array("i", [1, 2, 3]))  # 3 items, 12 bytes
+    digest = entry.put_blob(wide)
+    assert digest == digest_bytes(wide.tobytes())
+    assert entry.get_blob(digest) == wide.tobytes()
+    assert entry.put_blob(wide) == digest  # present with the right size: not written again
+    assert (entry.stats.blobs_written, entry.stats.bytes_written) == (1, 12)
+
+
+def test_rank_index_rejects_paths_and_other_non_json_values(entry):
+    index = entry.rank_index(0)
+    good = entry.put_blob(b"x")
+    with pytest.raises(ValueError, match=r"'p'\.file .*absolute path"):
+        index.update({"p": {"digest": good, "file": Path(os.sep, "abs", "blob")}})
+    for bad in (Path("relative"), object(), {1: "int key"}, {"nested": [b"bytes"]}):
+        with pytest.raises(ValueError, match="'p'.*not plain JSON"):
+            index.update({"p": {"digest": good, "extra": bad}})
+    assert index.read() == {}

@@ -81,8 +81,18 @@ def test_static_buffer_contract(cache_root):
     bufs = kiln.input_buffers(3)
     for buf, value in zip(bufs, model.example_inputs(3)):
         buf.copy_(value)
-    out = kiln(*bufs, decode=True)
+    out = kiln(*bufs, decode=True).clone()  # a replay's output is kiln's static buffer
     assert out.shape[0] == 3
+    # place(): the caller's batch copied into kiln's buffers (what the Ray worker's run() does);
+    # the same step again writes the same keys/values, so the output is the same.
+    placed = kiln.place(*[t.cuda() for t in model.example_inputs(3)])
+    assert [p.data_ptr() for p in placed] == [b.data_ptr() for b in kiln.input_buffers(3)]
+    torch.testing.assert_close(kiln(*placed, decode=True).clone(), out)
+    # An input that does not fit its buffer is an error, never a silent broadcast or cast.
+    bad = [t.cuda() for t in model.example_inputs(3)]
+    bad[1] = bad[1].to(torch.int32)
+    with pytest.raises(ValueError, match="input 1.*does not fit"):
+        kiln.place(*bad)
 
 
 def test_all_reduce_free_capture_reports_memory_and_time(cache_root):

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from orchestrator import CompilationConfig, Orchestrator
 from tests.orchestrator.conftest import TINY
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from tests.simulated_cluster import simulated_cluster
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_cluster([1, 1]) as cluster:
+        yield cluster
 
 
 def test_ranks_on_both_nodes_fill_both_caches(two_nodes, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ def cold_tp2(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("tp2") / "root"
     with orchestrator(root) as orch:
         report = orch.warmup([1, 2, 4])
+        with pytest.raises(ValueError, match="first warm-up"):
+            orch.warmup([8])  # the workers hold the [1, 2, 4] config
         from examples.toy_llama import build
 
         eager = build(**TINY)
@@ -37,7 +40,7 @@ def cold_tp2(ray_cluster, tmp_path_factory):
 
 
 def test_tp2_report_fields_and_compile_once(cold_tp2):
-    _, report, _ = cold_tp2
+    root, report, _ = cold_tp2
     data = report.to_dict()
     for key in ("config_hash", "cache_key", "wall_seconds", "ranks", "totals"):
         assert key in data
@@ -52,6 +55,7 @@ def test_tp2_report_fields_and_compile_once(cold_tp2):
         for p in r["phases"]:
             assert p["end"] >= p["start"] and p["seconds"] >= 0
         assert r["cudagraphs"] == "cudagraphs: unavailable (no CUDA)"
+    assert data["cache_root"] == str(root)  # the root the ranks opened, not ""
     # both ranks trace identical graphs: each of the 2 unique pieces is compiled once in total
     assert sum(r["inductor_compiles"] for r in ranks) == 2
     assert sum(r["cache_hits"] for r in ranks) == 2
@@ -180,6 +184,18 @@ def test_killed_worker_reported_then_retry_completes(ray_cluster, tmp_path, faul
         report = orch.warmup([2])
     assert len(report.ranks) == 2
     assert report.failures and report.failures[0]["rank"] == 1  # the first attempt's loss is on record
+    assert report.ok and "attempt 1 failed (retried): rank 1" in report.table()
+    assert "FAILED" not in report.table()
+
+
+@pytest.mark.parametrize("tp, placement", [(8, "PACK"), (2, "STRICT_SPREAD")])
+def test_placement_that_can_never_fit_fails_at_once(ray_cluster, tmp_path, tp, placement):
+    # The module's cluster is one node with 4 CPUs: neither fits, and no node will join.
+    t0 = time.monotonic()
+    with orchestrator(tmp_path / "root", tp=tp, placement=placement) as orch, \
+            pytest.raises(RuntimeError, match=f"cannot place tp={tp} ranks .* {placement}") as info:
+        orch.warmup([2])
+    assert time.monotonic() - t0 < 30 and "1 node(s), 4 CPU" in str(info.value)
 
 
 def test_bad_arguments_are_clear_errors():

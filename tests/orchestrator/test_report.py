@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report import RunReport, ReportError, phase_kind, phase_seconds, short_device
+from orchestrator.report import RunReport, ReportError, check_writable, phase_kind, phase_seconds, short_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = 1764100000.0
@@ -83,8 +83,8 @@ def report(workers) -> RunReport:
 
 def test_phase_kinds_and_seconds(workers):
     assert [phase_kind(n) for n in ("dynamo_trace", "split", "compile piece 3 size 8", "load piece 0 size sym",
-                                    "capture", "first_run", "init_process_group")] == \
-        ["trace", "trace", "compile", "load", "capture", "other", "other"]
+                                    "capture", "first_run", "init_process_group", "compile")] == \
+        ["trace", "trace", "compile", "load", "capture", "other", "other", "compile"]
     rank0 = workers[2]
     assert phase_seconds(rank0, "trace") == pytest.approx(1.25)
     assert phase_seconds(rank0, "compile") == pytest.approx(2.0)
@@ -120,6 +120,29 @@ def test_merge_drops_duplicate_failures(workers):
     dup = {"rank": 2, "phase": "compile piece 2 size sym", "cause": "RuntimeError: boom", "traceback": "tb"}
     failures = _merge(workers, failures=[dup, dict(dup)]).failures
     assert failures == [dup]  # the driver's copy adds its traceback to the worker's entry
+
+
+def test_level2_compile_phase_fills_the_compile_column():
+    # Levels 1 and 2 record the whole compile as one phase named "compile".
+    worker = _worker(0, "n", compiles=1, hits=0, misses=1, device="cpu",
+                     phases=[_phase("dynamo_trace", 0.0, 1.0), _phase("compile", 1.0, 3.0)])
+    row = _merge([worker]).table().splitlines()[2].split()
+    assert row[:7] == ["0", "n", "cpu", "1.00", "3.00", "0.00", "0.00"]  # …, trace, compile, load, capture
+
+
+def test_retried_failures_do_not_fail_the_run(workers):
+    healthy = workers[1:]  # ranks 0 and 1, no errors: the final attempt succeeded
+    lost = {"rank": 1, "phase": "warmup", "cause": "worker process died", "attempt": 1, "retried": True}
+    report = _merge(healthy, failures=[lost])
+    assert report.ok and report.failures == [lost]
+    text = report.table()
+    assert "attempt 1 failed (retried): rank 1 in warmup: worker process died" in text
+    assert "FAILED" not in text
+    # The same failure again in the final attempt is its own entry, and fails the run.
+    final = {**lost, "attempt": 2, "retried": False}
+    again = _merge(healthy, failures=[final, lost])
+    assert not again.ok and again.failures == [lost, final]
+    assert "FAILED rank 1 in warmup: worker process died" in again.table()
 
 
 def test_totals(report):
@@ -277,6 +300,17 @@ def test_write_under_a_file_names_the_path(report, tmp_path):
     with pytest.raises(OSError, match=str(blocker)):  # ReportError is an OSError for callers
         report.write_chrome_trace(blocker / "trace.json")
     assert os.listdir(tmp_path) == ["blocker"]
+
+
+def test_check_writable_creates_nothing_and_names_the_problem(tmp_path):
+    check_writable(tmp_path / "new" / "deeper" / "report.json")  # parents may be missing
+    assert os.listdir(tmp_path) == []
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    with pytest.raises(ReportError, match=f"{blocker} exists and is not a directory"):
+        check_writable(blocker / "report.json")
+    with pytest.raises(ReportError, match="is a directory"):
+        check_writable(tmp_path)
 
 
 def test_import_pulls_in_neither_torch_nor_ray():

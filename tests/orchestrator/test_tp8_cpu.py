@@ -3,31 +3,19 @@ checked where no 8-GPU machine is lent). Slow: run with -m slow."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from orchestrator import CompilationConfig, Orchestrator
 from tests.orchestrator.conftest import TINY
+from tests.simulated_cluster import simulated_cluster
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def two_nodes_eight_cpus():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
-    cluster.add_node(num_cpus=4)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_cluster([4, 4]) as cluster:
+        yield cluster
 
 
 @pytest.mark.parametrize("tp", [4, 8])
