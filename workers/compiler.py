@@ -175,7 +175,10 @@ class PiecewiseBackend:
         record.pieces_splitting += sum(p.is_splitting for p in pieces)
         record.pieces_compiled += sum(not p.is_splitting for p in pieces)
         n_sizes = sum(isinstance(s, int) for s in self.config.compile_sizes or [])
-        self._progress_total = sum(not p.is_splitting for p in pieces) * (1 + n_sizes)
+        # Upper bound, lowered in _runner_for for pieces that take no batch size (no static-size
+        # artifacts); nothing is fetched without Inductor.
+        compiled_pieces = sum(not p.is_splitting for p in pieces) if self.config.use_inductor else 0
+        self._progress_total = compiled_pieces * (1 + n_sizes)
         self._progress_done = 0
 
         self.entry = self._open_cache_entry(gm, example_inputs)
@@ -232,7 +235,9 @@ class PiecewiseBackend:
         )
         sizes = [s for s in (self.config.compile_sizes or []) if isinstance(s, int)]
         by_size: dict[int, Callable[..., Any]] = {}
-        if size_index(args) is not None:
+        if size_index(args) is None:
+            self._progress_total -= len(sizes)
+        else:
             for size in sizes:
                 by_size[size] = self._get(
                     piece, f"{key}-s{size}", size,
