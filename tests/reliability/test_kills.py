@@ -3,8 +3,9 @@
 After each kill the next warm-up succeeds, compiles exactly what the killed one had not
 published (one of the tiny model's 2 pieces), its outputs equal eager ones, and
 `kiln cache verify` finds the cache clean. The process kills start from a warm cache that
-lacks one artifact, so the killed run is compiling that one; the Ray kill starts cold and dies
-at its second compile. CI runs the Ray kill; the process kills are slow (-m slow).
+lacks one artifact, so the killed run is compiling that one; the Ray kills start cold and die
+at the second compile or half-way through the second artifact write. CI runs the Ray kill
+mid-compile; the others are slow (-m slow).
 """
 
 from __future__ import annotations
@@ -100,30 +101,63 @@ def test_sigkill_during_artifact_write(cache_copy, tmp_path, figure):
     figure.recovered()
 
 
-# A model factory that arms a SIGKILL inside the Ray worker: the worker's second Inductor
-# compile kills its own process, unless the marker says that already happened once.
+# A model factory that arms a SIGKILL inside the Ray worker: at the worker's 2nd Inductor
+# compile, or half-way through its 2nd artifact write (the temporary file holding half the
+# bytes), the worker kills its own process, unless the marker says that already happened once.
 KILLING_FACTORY = textwrap.dedent('''
     import os, signal
+    from pathlib import Path
 
-    def build(marker, **kwargs):
+    def die(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def arm_compile(marker):
         import workers.compiler as compiler
-        from examples.toy_llama import build as toy_build
 
         real, calls = compiler.compile_graph, []
 
         def compile_graph(*args, **kw):
             calls.append(1)
-            if len(calls) == 2 and not os.path.exists(marker):
-                open(marker, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
+            if len(calls) == 2:
+                die(marker)
             return real(*args, **kw)
 
         compiler.compile_graph = compile_graph
+
+    def arm_blob_write(marker):
+        import cache.atomic as atomic
+        import cache.store as store
+
+        real_write, real_write_all = store.atomic_write_bytes, atomic._write_all
+        state = {"blobs": 0, "armed": False}
+
+        def atomic_write_bytes(path, data):
+            if Path(path).parent.name == "blobs":  # artifacts only, not refs or indexes
+                state["blobs"] += 1
+                state["armed"] = state["blobs"] == 2
+            return real_write(path, data)
+
+        def write_all(fd, view):
+            if state["armed"]:
+                real_write_all(fd, view[: len(view) // 2])
+                os.fsync(fd)
+                die(marker)
+            return real_write_all(fd, view)
+
+        store.atomic_write_bytes, atomic._write_all = atomic_write_bytes, write_all
+
+    def build(marker, at, **kwargs):
+        from examples.toy_llama import build as toy_build
+
+        if not os.path.exists(marker):
+            {"compile": arm_compile, "blob_write": arm_blob_write}[at](marker)
         return toy_build(**kwargs)
 ''')
 
 
-def test_sigkill_ray_worker_during_inductor_compile(ray_local, tmp_path, figure):
+@pytest.mark.parametrize("at", ["compile", pytest.param("blob_write", marks=pytest.mark.slow)])
+def test_sigkill_ray_worker(ray_local, tmp_path, figure, at):
     import torch
 
     from examples.toy_llama import build
@@ -131,19 +165,25 @@ def test_sigkill_ray_worker_during_inductor_compile(ray_local, tmp_path, figure)
     from orchestrator.driver import WarmupError
     from tests.orchestrator.conftest import TINY
 
-    figure.scenario = "kill: Ray worker mid Inductor compile"
+    figure.scenario = {"compile": "kill: Ray worker mid Inductor compile",
+                       "blob_write": "kill: Ray worker mid artifact write"}[at]
     factory, marker, root = tmp_path / "killing_model.py", tmp_path / "killed", tmp_path / "root"
     factory.write_text(KILLING_FACTORY)
 
     def orchestrator() -> Orchestrator:
         return Orchestrator(f"{factory}:build", 1, CompilationConfig(), str(root),
-                            model_kwargs={**TINY, "marker": str(marker)}, progress=False)
+                            model_kwargs={**TINY, "marker": str(marker), "at": at}, progress=False)
 
     with orchestrator() as orch, pytest.raises(WarmupError) as info:
         orch.warmup([2])
     figure.fault(marker.stat().st_mtime)
     (failure,) = info.value.failures
     assert failure["rank"] == 0 and "worker process died" in failure["cause"]
+    if at == "blob_write":  # the half-written artifact lies under a temporary name only
+        (key,) = [p.name for p in root.iterdir()]
+        blobs = os.listdir(root / key / "blobs")
+        assert len(blobs) == 2 and sum(is_temp_name(b) for b in blobs) == 1, blobs
+        assert len(os.listdir(root / key / "refs")) == 1
 
     eager = build(**TINY)
     with orchestrator() as orch:
