@@ -32,6 +32,24 @@ log = logging.getLogger("kiln.driver")
 DEFAULT_SIZES = [1, 2, 4, 8]
 
 
+# How long, after a rank's failure, the driver waits for the others' before tearing them down.
+FAILURE_GRACE_S = 2.0
+DIED = "worker process died"
+# Causes that follow from another rank's failure rather than explain it.
+_KNOCK_ON = ("gloo", "nccl", "distbackenderror", "connection closed", "connection reset", "broken pipe",
+             "timed out", "timeout")
+
+
+def root_causes(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The failures that explain the others: processes that died first, then errors other than
+    a peer's broken collective; knock-on failures only when nothing else is there."""
+    died = [f for f in failures if str(f.get("cause", "")).startswith(DIED)]
+    if died:
+        return died
+    own = [f for f in failures if not any(k in str(f.get("cause", "")).lower() for k in _KNOCK_ON)]
+    return own or failures[:1]
+
+
 class WarmupError(RuntimeError):
     """One or more ranks failed; `failures` lists rank, phase and cause of each. When it leaves
     warmup(), `report` is a RunReport of every attempt's failures (for --report/--trace)."""
@@ -246,14 +264,30 @@ class Orchestrator:
                 try:
                     results[rank] = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001
-                    failure = self._describe_failure(rank, phase, exc)
+                    failures = [self._describe_failure(rank, phase, exc)]
+                    failures += self._other_failures([r for r in pending if r is not ref], index, phase)
                     self._teardown_workers()
-                    raise WarmupError([failure]) from None
+                    raise WarmupError(root_causes(failures)) from None
             if deadline is not None and time.monotonic() > deadline:
                 self._teardown_workers()
                 raise WarmupError([{"rank": index[r], "phase": phase, "cause": f"no answer within {timeout} s"}
                                    for r in pending])
         return results
+
+    def _other_failures(self, pending: list[Any], index: dict[Any, int], phase: str) -> list[dict[str, Any]]:
+        """Failures of other ranks that arrive within FAILURE_GRACE_S of the first: a killed
+        rank's peers fail in their collective at about the time its death is noticed, and the
+        first to arrive need not be the cause."""
+        import ray
+
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S) if pending else ([], [])
+        found = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001
+                found.append(self._describe_failure(index[ref], phase, exc))
+        return found
 
     def _describe_failure(self, rank: int, phase: str, exc: BaseException) -> dict[str, Any]:
         import ray
@@ -270,7 +304,7 @@ class Orchestrator:
                 pass
             where = f"{phase} ({last['what']})" if last else phase
             return {"rank": rank, "phase": where,
-                    "cause": "worker process died (killed, out of memory, or its node was lost)"}
+                    "cause": f"{DIED} (killed, out of memory, or its node was lost)"}
         return {"rank": rank, "phase": phase, "cause": f"{type(exc).__name__}: {exc}"}
 
     # ---- the work -----------------------------------------------------------------------------

@@ -149,3 +149,14 @@ def test_failed_warmup_still_writes_report_and_trace(tmp_path, monkeypatch):
     data = json.loads(report.read_text())
     assert data["failures"] == [{**failure, "attempt": 1}]
     assert "traceEvents" in json.loads(trace.read_text())
+
+
+def test_root_causes_prefer_deaths_then_own_errors_over_knock_on_failures():
+    from orchestrator.driver import root_causes
+
+    died = {"rank": 1, "phase": "warmup", "cause": "worker process died (killed, out of memory, or its node was lost)"}
+    peer = {"rank": 0, "phase": "warmup", "cause": "DistBackendError: [gloo] Connection closed by peer"}
+    own = {"rank": 2, "phase": "build_model", "cause": "ValueError: bad shape"}
+    assert root_causes([peer, died]) == [died]  # the peer's error arrived first
+    assert root_causes([peer, own]) == [own]
+    assert root_causes([peer]) == [peer]  # nothing better: the first failure as it is
