@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -32,7 +33,8 @@ def _sleep_forever(marker: str) -> None:
     time.sleep(3600)  # the test kills us here
 
 
-def inject_compile_fault(nth: int, marker: str) -> None:
+def inject_compile_fault(nth: int, on_fault: Callable[[], None]) -> None:
+    """Call `on_fault` at the start of the Nth Inductor compile of this process."""
     import workers.compiler as compiler
 
     real = compiler.compile_graph
@@ -42,13 +44,15 @@ def inject_compile_fault(nth: int, marker: str) -> None:
         nonlocal calls
         calls += 1
         if calls == nth:
-            _sleep_forever(marker)
+            on_fault()
         return real(*args, **kwargs)
 
     compiler.compile_graph = compile_graph
 
 
-def inject_blob_write_fault(nth: int, marker: str) -> None:
+def inject_blob_write_fault(nth: int, on_fault: Callable[[], None]) -> None:
+    """Call `on_fault` half-way through the Nth artifact write of this process (the temporary
+    file holding half the bytes, fsynced)."""
     import cache.atomic as atomic
     import cache.store as store
 
@@ -66,7 +70,7 @@ def inject_blob_write_fault(nth: int, marker: str) -> None:
         if state["armed"]:
             real_write_all(fd, view[: len(view) // 2])
             os.fsync(fd)
-            _sleep_forever(marker)
+            on_fault()
         return real_write_all(fd, view)
 
     store.atomic_write_bytes = atomic_write_bytes
@@ -93,7 +97,7 @@ def main() -> None:
     fault = spec.get("fault")
     if fault:
         inject = {"compile": inject_compile_fault, "blob_write": inject_blob_write_fault}[fault["at"]]
-        inject(fault["nth"], fault["marker"])
+        inject(fault["nth"], lambda: _sleep_forever(fault["marker"]))
     if spec.get("compiler_factors"):
         override_compiler_factors(spec["compiler_factors"])
 

@@ -104,54 +104,20 @@ def test_sigkill_during_artifact_write(cache_copy, tmp_path, figure):
 # A model factory that arms a SIGKILL inside the Ray worker: at the worker's 2nd Inductor
 # compile, or half-way through its 2nd artifact write (the temporary file holding half the
 # bytes), the worker kills its own process, unless the marker says that already happened once.
+# The faults are kiln_child's, with a SIGKILL where the child sleeps to be killed.
 KILLING_FACTORY = textwrap.dedent('''
     import os, signal
-    from pathlib import Path
-
-    def die(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    def arm_compile(marker):
-        import workers.compiler as compiler
-
-        real, calls = compiler.compile_graph, []
-
-        def compile_graph(*args, **kw):
-            calls.append(1)
-            if len(calls) == 2:
-                die(marker)
-            return real(*args, **kw)
-
-        compiler.compile_graph = compile_graph
-
-    def arm_blob_write(marker):
-        import cache.atomic as atomic
-        import cache.store as store
-
-        real_write, real_write_all = store.atomic_write_bytes, atomic._write_all
-        state = {"blobs": 0, "armed": False}
-
-        def atomic_write_bytes(path, data):
-            if Path(path).parent.name == "blobs":  # artifacts only, not refs or indexes
-                state["blobs"] += 1
-                state["armed"] = state["blobs"] == 2
-            return real_write(path, data)
-
-        def write_all(fd, view):
-            if state["armed"]:
-                real_write_all(fd, view[: len(view) // 2])
-                os.fsync(fd)
-                die(marker)
-            return real_write_all(fd, view)
-
-        store.atomic_write_bytes, atomic._write_all = atomic_write_bytes, write_all
 
     def build(marker, at, **kwargs):
         from examples.toy_llama import build as toy_build
+        from tests.reliability.kiln_child import inject_blob_write_fault, inject_compile_fault
+
+        def die():
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
 
         if not os.path.exists(marker):
-            {"compile": arm_compile, "blob_write": arm_blob_write}[at](marker)
+            {"compile": inject_compile_fault, "blob_write": inject_blob_write_fault}[at](2, die)
         return toy_build(**kwargs)
 ''')
 
