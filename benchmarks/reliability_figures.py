@@ -25,6 +25,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # benchmarks.common
 LOG_ENV_VAR = "KILN_RELIABILITY_LOG"
 
 
@@ -79,10 +80,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    import torch
+    from benchmarks.common import machine as torch_machine
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
-            f"python {platform.python_version()}; {platform.platform()}")
+    return f"{torch_machine()}; {os.cpu_count()} cores; {platform.platform()}"
 
 
 def main() -> None:

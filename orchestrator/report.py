@@ -383,6 +383,16 @@ def _atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
+def _nearest_existing_dir(path: Path) -> Path:
+    """The closest ancestor of `path` that exists; ReportError if it is not a directory."""
+    for ancestor in [path.parent, *path.parent.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ReportError(f"cannot write {path}: {ancestor} exists and is not a directory")
+            return ancestor
+    return Path(path.anchor or ".")  # unreachable for real paths: the root always exists
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Raise ReportError naming `path` if a report could not be written there: a directory is
     in the way, or the nearest existing ancestor is not a writable directory. Creates nothing,
@@ -390,22 +400,14 @@ def check_writable(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise ReportError(f"cannot write {path}: it is a directory")
-    for ancestor in [path.parent, *path.parent.parents]:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise ReportError(f"cannot write {path}: {ancestor} exists and is not a directory")
-            if not os.access(ancestor, os.W_OK | os.X_OK):
-                raise ReportError(f"cannot write {path}: {ancestor} is not writable")
-            return
+    ancestor = _nearest_existing_dir(path)
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ReportError(f"cannot write {path}: {ancestor} is not writable")
 
 
 def _make_parent(path: Path) -> None:
     """Create the parent directories of `path`, or explain which ancestor is in the way."""
-    for ancestor in [path.parent, *path.parent.parents]:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise ReportError(f"cannot write {path}: {ancestor} exists and is not a directory")
-            break
+    _nearest_existing_dir(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
