@@ -3,7 +3,7 @@
 # the CPU build where pip's find-links hold that wheel; elsewhere install torch beforehand from
 # https://download.pytorch.org/whl/cpu (PyPI's default torch is a multi-GB CUDA build).
 PY ?= python3
-KILN = $(PY) -m orchestrator.cli
+KILN = $(PY) -m kiln
 
 .PHONY: install test warmup
 

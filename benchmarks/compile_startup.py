@@ -31,10 +31,10 @@ def child(spec: dict) -> None:
 
     kwargs = {"layers": spec["layers"], **spec.get("model", {})}
     if spec["tool"] == "kiln":
-        from cache import CacheStore
-        from workers.config import CompilationConfig
-        from workers.custom_ops import building_with
-        from workers.runner import KilnModel
+        from kiln.cache import CacheStore
+        from kiln.workers.config import CompilationConfig
+        from kiln.workers.layers.custom_op import building_with
+        from kiln.workers.runtime.kiln_model import KilnModel
 
         config = CompilationConfig(cudagraph_mode="NONE")
         with building_with(config):

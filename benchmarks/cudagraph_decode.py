@@ -45,12 +45,12 @@ def prefill_inputs(seqs: int, tokens: int):
 
 def make_variant(name: str, args, cache_root: str):
     """(model, callable(inputs, decode), compile_s, capture_s, capture_gib)."""
-    from workers.config import CompilationConfig
-    from workers.custom_ops import building_with
-    from workers.runner import KilnModel
+    from kiln.workers.config import CompilationConfig
+    from kiln.workers.layers.custom_op import building_with
+    from kiln.workers.runtime.kiln_model import KilnModel
 
     if name.startswith("kiln"):
-        from cache import CacheStore
+        from kiln.cache import CacheStore
 
         mode = name.split(" ", 1)[1]
         config = CompilationConfig(cudagraph_mode=mode, cudagraph_copy_inputs=True)

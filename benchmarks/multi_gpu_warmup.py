@@ -42,7 +42,7 @@ def main() -> None:
     checks: dict = {"tp": tp_n, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
     # 1. The CLI, as a user runs it: cold warm-up at TP=N, report and trace written.
-    cmd = [sys.executable, "-m", "orchestrator.cli", "warmup", "examples/toy_llama.py:build", "--tp", str(tp_n),
+    cmd = [sys.executable, "-m", "kiln.orchestrator.cli", "warmup", "examples/toy_llama.py:build", "--tp", str(tp_n),
            "--sizes", ",".join(map(str, SIZES)), "--set", "cudagraph_mode=FULL_AND_PIECEWISE",
            "--set", "cudagraph_copy_inputs=true", "--cache-root", root, "--quiet",
            "--report", f"{args.out}/report_cold.json", "--trace", f"{args.out}/trace_cold.json"]
@@ -52,7 +52,7 @@ def main() -> None:
     assert proc.returncode == 0, "kiln warmup failed"
     cold = json.load(open(f"{args.out}/report_cold.json"))
 
-    from orchestrator import CompilationConfig, Orchestrator
+    from kiln import CompilationConfig, Orchestrator
 
     ranks = cold["ranks"]
     checks["nccl"] = all(r["dist_backend"] == "nccl" for r in ranks)

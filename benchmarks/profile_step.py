@@ -31,11 +31,11 @@ def main() -> None:
     args = p.parse_args()
     ns = argparse.Namespace(layers=8, hidden=1024, heads=16, kv_heads=8, intermediate=2816, vocab=32000,
                             max_seq_len=512, batches=[64])
-    from cache import CacheStore
+    from kiln.cache import CacheStore
     from examples.toy_llama import build
-    from workers.config import CompilationConfig
-    from workers.custom_ops import building_with
-    from workers.runner import KilnModel
+    from kiln.workers.config import CompilationConfig
+    from kiln.workers.layers.custom_op import building_with
+    from kiln.workers.runtime.kiln_model import KilnModel
 
     config = CompilationConfig(cudagraph_mode=args.mode, cudagraph_copy_inputs=True)
     with building_with(config):

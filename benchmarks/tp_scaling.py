@@ -22,7 +22,7 @@ MODEL = {"layers": 4, "hidden": 128, "heads": 8, "kv_heads": 8, "vocab": 512, "m
 
 
 def warmup(tp: int, root: str) -> dict:
-    from orchestrator import CompilationConfig, Orchestrator
+    from kiln import CompilationConfig, Orchestrator
 
     t0 = time.perf_counter()
     orch = Orchestrator("examples/toy_llama.py:build", tp, CompilationConfig(cudagraph_mode="NONE"), root,
@@ -39,7 +39,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from benchmarks.common import machine, print_table, save_json
-    from orchestrator.cluster import connect
+    from kiln.orchestrator.cluster import connect
 
     print(f"machine: {machine()}", flush=True)
     cluster = connect(None, num_cpus=max(args.tps))

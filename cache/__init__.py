@@ -8,12 +8,12 @@ Knows nothing about torch or Ray: whoever compiles computes the key factors and 
     entry.rank_index(rank).update({"piece0/size8": {"digest": digest}})
 """
 
-from cache.atomic import atomic_write_bytes, atomic_write_json
-from cache.digest import canonical_json, digest_bytes, digest_file, key_from_factors
-from cache.errors import CacheError, UnsafeCacheError
-from cache.permissions import check_root_safe, default_root
-from cache.stats import CacheStats
-from cache.store import CacheEntry, CacheStore, RankIndex
+from kiln.cache.atomic import atomic_write_bytes, atomic_write_json
+from kiln.cache.digest import canonical_json, digest_bytes, digest_file, key_from_factors
+from kiln.cache.errors import CacheError, UnsafeCacheError
+from kiln.cache.permissions import check_root_safe, default_root
+from kiln.cache.stats import CacheStats
+from kiln.cache.store import CacheEntry, CacheStore, RankIndex
 
 __all__ = [
     "CacheEntry",

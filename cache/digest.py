@@ -8,7 +8,7 @@ from typing import Any
 
 import xxhash
 
-from cache.errors import CacheError
+from kiln.cache.errors import CacheError
 
 # Bytes read per step when hashing a file, so verifying a multi-GiB blob needs little memory.
 _FILE_CHUNK = 1 << 20

@@ -18,12 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cache.digest import key_from_factors
-from cache.errors import CacheError
-from cache.layout import BLOBS, KEY_FACTORS, LAST_USED, TRASH_PREFIX, is_digest, is_key, rank_from_dir_name
-from cache.permissions import open_existing_root as open_root
-from cache.permissions import read_file_nofollow
-from cache.verify import VerifyReport, verify
+from kiln.cache.digest import key_from_factors
+from kiln.cache.errors import CacheError
+from kiln.cache.layout import BLOBS, KEY_FACTORS, LAST_USED, TRASH_PREFIX, is_digest, is_key, rank_from_dir_name
+from kiln.cache.permissions import open_existing_root as open_root
+from kiln.cache.permissions import read_file_nofollow
+from kiln.cache.verify import VerifyReport, verify
 
 __all__ = [
     "EntryInfo", "PruneReport", "VerifyReport", "MISSING", "delete_entry", "diff_factors", "entry_info",

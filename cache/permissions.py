@@ -12,8 +12,8 @@ import os
 import stat
 from pathlib import Path
 
-from cache.atomic import fsync_dir
-from cache.errors import CacheError, UnsafeCacheError
+from kiln.cache.atomic import fsync_dir
+from kiln.cache.errors import CacheError, UnsafeCacheError
 
 ROOT_ENV_VAR = "KILN_CACHE_ROOT"
 DEFAULT_ROOT = "~/.cache/kiln"

@@ -7,9 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from cache.layout import QUARANTINE
-from cache.errors import CacheError
-from cache.permissions import ensure_private_dir
+from kiln.cache.layout import QUARANTINE
+from kiln.cache.errors import CacheError
+from kiln.cache.permissions import ensure_private_dir
 
 logger = logging.getLogger("kiln.cache")
 

@@ -7,14 +7,14 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cache.digest import canonical_json
-from cache.errors import CacheError, UnsafeCacheError
-from cache.layout import INDEX, rank_dir_name
-from cache.permissions import read_file_nofollow
-from cache.records import check_index_entry, make_index, parse_index
+from kiln.cache.digest import canonical_json
+from kiln.cache.errors import CacheError, UnsafeCacheError
+from kiln.cache.layout import INDEX, rank_dir_name
+from kiln.cache.permissions import read_file_nofollow
+from kiln.cache.records import check_index_entry, make_index, parse_index
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cache.store import CacheEntry
+    from kiln.cache.store import CacheEntry
 
 logger = logging.getLogger("kiln.cache")
 

@@ -14,8 +14,8 @@ import os
 import time
 from typing import Any
 
-from cache.digest import first_unserializable
-from cache.layout import INDEX_SCHEMA, is_digest
+from kiln.cache.digest import first_unserializable
+from kiln.cache.layout import INDEX_SCHEMA, is_digest
 
 
 def make_ref(digest: str, size: int) -> dict[str, Any]:

@@ -18,10 +18,10 @@ from typing import Callable
 
 import filelock
 
-from cache.atomic import FILE_MODE, atomic_write_bytes, atomic_write_json
-from cache.digest import canonical_json, digest_bytes, digest_file, key_from_factors
-from cache.errors import CacheError, UnsafeCacheError
-from cache.layout import (
+from kiln.cache.atomic import FILE_MODE, atomic_write_bytes, atomic_write_json
+from kiln.cache.digest import canonical_json, digest_bytes, digest_file, key_from_factors
+from kiln.cache.errors import CacheError, UnsafeCacheError
+from kiln.cache.layout import (
     BLOBS,
     KEY_FACTORS,
     LAST_USED,
@@ -33,7 +33,7 @@ from cache.layout import (
     is_key,
     rank_from_dir_name,
 )
-from cache.permissions import (
+from kiln.cache.permissions import (
     check_dir_safe,
     check_root_safe,
     ensure_private_dir,
@@ -42,10 +42,10 @@ from cache.permissions import (
     read_file_nofollow,
     resolve_root,
 )
-from cache.quarantine import quarantine_file
-from cache.rank_index import RankIndex
-from cache.stats import CacheStats
-from cache.records import make_ref, parse_ref
+from kiln.cache.quarantine import quarantine_file
+from kiln.cache.rank_index import RankIndex
+from kiln.cache.stats import CacheStats
+from kiln.cache.records import make_ref, parse_ref
 
 logger = logging.getLogger("kiln.cache")
 

@@ -23,13 +23,13 @@ from typing import Any
 
 import filelock
 
-from cache.atomic import FILE_MODE, atomic_write_bytes, atomic_write_json, is_temp_name
-from cache.digest import digest_file, key_from_factors
-from cache.errors import CacheError, UnsafeCacheError
-from cache.layout import BLOBS, INDEX, KEY_FACTORS, LOCKS, QUARANTINE, REFS, is_digest, is_key, rank_from_dir_name
-from cache.permissions import check_dir_safe, ensure_private_dir, open_existing_root, read_file_nofollow
-from cache.quarantine import quarantine_file, quarantine_name
-from cache.records import make_index, parse_index, parse_ref
+from kiln.cache.atomic import FILE_MODE, atomic_write_bytes, atomic_write_json, is_temp_name
+from kiln.cache.digest import digest_file, key_from_factors
+from kiln.cache.errors import CacheError, UnsafeCacheError
+from kiln.cache.layout import BLOBS, INDEX, KEY_FACTORS, LOCKS, QUARANTINE, REFS, is_digest, is_key, rank_from_dir_name
+from kiln.cache.permissions import check_dir_safe, ensure_private_dir, open_existing_root, read_file_nofollow
+from kiln.cache.quarantine import quarantine_file, quarantine_name
+from kiln.cache.records import make_index, parse_index, parse_ref
 
 # A temp file untouched this long belongs to a writer that died: a live one writes every chunk.
 STALE_TEMP_SECONDS = 3600.0

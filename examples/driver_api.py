@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from examples.toy_llama import build  # noqa: E402
-from orchestrator import CompilationConfig, Orchestrator  # noqa: E402
+from kiln import CompilationConfig, Orchestrator  # noqa: E402
 
 
 def main() -> None:

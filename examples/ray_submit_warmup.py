@@ -21,7 +21,7 @@ if not os.path.isdir(os.path.join(REPO, "orchestrator")):
     sys.exit(f"ray_submit_warmup: no kiln repo at {REPO}; set KILN_REPO or mount it there (examples/cluster.yaml)")
 sys.path.insert(0, REPO)
 
-from orchestrator import CompilationConfig, Orchestrator  # noqa: E402
+from kiln import CompilationConfig, Orchestrator  # noqa: E402
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ import torch
 import xxhash
 from torch import nn
 
-from workers.attention import attention  # noqa: F401  (registers kiln::attention)
-from workers.custom_ops import all_reduce
-from workers.layers import RMSNorm, RotaryEmbedding, SiluAndMul
-from workers.parallel import tp_rank, tp_world_size
+from kiln.workers.layers.attention import attention  # noqa: F401  (registers kiln::attention)
+from kiln.workers.layers.collectives import all_reduce
+from kiln.workers.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from kiln.workers.layers.parallel_state import tp_rank, tp_world_size
 
 
 def _full_weight(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli_cache import cache_group
-from orchestrator.cli_config import config_group
-from orchestrator.cli_warmup import warmup_command
+from kiln import __version__
+from kiln.orchestrator.cli_cache import cache_group
+from kiln.orchestrator.cli_config import config_group
+from kiln.orchestrator.cli_warmup import warmup_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="torch-kiln", prog_name="kiln")
+@click.version_option(version=__version__, prog_name="kiln")
 def main() -> None:
     """kiln: compile PyTorch models piecewise on every rank, once, into a shared cache."""
 

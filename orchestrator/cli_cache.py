@@ -14,8 +14,8 @@ from typing import Any, Iterator
 
 import click
 
-from cache import maintenance
-from cache.errors import CacheError
+from kiln.cache import maintenance
+from kiln.cache.errors import CacheError
 
 ROOT_HELP = "Cache root directory (default: $KILN_CACHE_ROOT, else ~/.cache/kiln)."
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import click
 
-from workers.config import CompilationConfig
-from workers.config_io import describe_config_error
+from kiln.workers.config import CompilationConfig
+from kiln.workers.config.json_io import describe_config_error
 
 
 class InvalidConfig(click.ClickException):

@@ -13,8 +13,8 @@ import sys
 
 import click
 
-from orchestrator.cli_config import InvalidConfig, _resolve
-from orchestrator.report import ReportError, RunReport, check_writable
+from kiln.orchestrator.cli_config import InvalidConfig, _resolve
+from kiln.orchestrator.report import ReportError, RunReport, check_writable
 
 
 def _parse_sizes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int] | None:
@@ -88,7 +88,7 @@ def _write_outputs(report: RunReport, report_path: str | None, trace_path: str |
 def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, cache_root, address,
                    placement, device, num_cpus, retries, report_path, trace_path, quiet) -> None:
     """Compile MODEL ('pkg.module:factory' or 'path/file.py:factory') on every rank into the cache."""
-    from workers.model_spec import ModelSpecError, parse_model_spec
+    from kiln.workers.models.spec import ModelSpecError, parse_model_spec
 
     _check_outputs(report_path, trace_path)
 
@@ -98,7 +98,7 @@ def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, 
         raise click.BadParameter(str(exc), param_hint="MODEL") from None
     config = _resolve(config_file, overrides)
 
-    from orchestrator.driver import Orchestrator, WarmupError
+    from kiln.orchestrator.driver import Orchestrator, WarmupError
 
     try:
         orch = Orchestrator(model, tp_size, config, cache_root, address, model_kwargs=model_kwargs,

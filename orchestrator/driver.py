@@ -18,14 +18,14 @@ import time
 import warnings
 from typing import Any
 
-from cache import default_root
-from orchestrator.cluster import (
+from kiln.cache import default_root
+from kiln.orchestrator.cluster import (
     STRATEGIES, alive_nodes, cluster_gpus, connect, placement_shortfall, rank_bundle, reserve, wants_gpus)
-from orchestrator.progress import ProgressView
-from orchestrator.report import RunReport
-from workers.config import CompilationConfig
-from workers.model_spec import parse_model_spec
-from workers.worker import KilnWorker, WorkerFailure, local_factors
+from kiln.orchestrator.progress import ProgressView
+from kiln.orchestrator.report import RunReport
+from kiln.workers.config import CompilationConfig
+from kiln.workers.models.spec import parse_model_spec
+from kiln.workers.worker import KilnWorker, WorkerFailure, local_factors
 
 log = logging.getLogger("kiln.driver")
 
@@ -148,7 +148,7 @@ class Orchestrator:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from workers.progress import ProgressBoard
+        from kiln.workers.progress import ProgressBoard
 
         if self.cluster is None:
             self.cluster = connect(self.address, num_cpus=self.num_cpus, runtime_env=self.runtime_env)

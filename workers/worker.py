@@ -20,9 +20,9 @@ import traceback
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
 
-from workers.compiler_factors import kiln_version
+from kiln.workers.compilation.factors import kiln_version
+from kiln.workers.torch_internals import tree_map
 
 
 class WorkerFailure(RuntimeError):
@@ -103,12 +103,12 @@ class KilnWorker:
             raise self._fail(exc) from None
 
     def _setup(self, p: dict[str, Any]) -> dict[str, Any]:
-        from cache import CacheStore
-        from workers.config import CompilationConfig
-        from workers.custom_ops import building_with
-        from workers.model_spec import build_model
-        from workers.parallel import set_tp_state
-        from workers.record import CompileRecord
+        from kiln.cache import CacheStore
+        from kiln.workers.config import CompilationConfig
+        from kiln.workers.layers.custom_op import building_with
+        from kiln.workers.models.spec import build_model
+        from kiln.workers.layers.parallel_state import set_tp_state
+        from kiln.workers.compilation.record import CompileRecord
 
         self.phase = "verify"
         use_cuda = p["device"] == "cuda"
@@ -176,7 +176,7 @@ class KilnWorker:
             raise self._fail(exc) from None
 
     def _warmup(self, sizes: list[int]) -> dict[str, Any]:
-        from workers.runner import KilnModel
+        from kiln.workers.runtime.kiln_model import KilnModel
 
         record, config = self.record, self.config
         if self.progress is not None:

@@ -28,11 +28,11 @@ cpp_builder.CppBuilder.build = _counting_build
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    from cache import CacheStore
+    from kiln.cache import CacheStore
     from examples.toy_llama import build
-    from workers.config import CompilationConfig
-    from workers.custom_ops import building_with
-    from workers.runner import KilnModel
+    from kiln.workers.config import CompilationConfig
+    from kiln.workers.layers.custom_op import building_with
+    from kiln.workers.runtime.kiln_model import KilnModel
 
     config = CompilationConfig(**spec.get("config", {}))
     with building_with(config):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import workers.attention  # noqa: F401  (registers kiln::attention)
+import kiln.workers.layers.attention  # noqa: F401  (registers kiln::attention)
 
 
 def reference(q, k, v, k_cache, v_cache, seq_ids, positions, scale):

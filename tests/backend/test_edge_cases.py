@@ -8,10 +8,10 @@ import torch
 import torch.fx as fx
 
 from examples.toy_llama import build
-from workers.config import CompilationConfig
-from workers.custom_ops import building_with
-from workers.runner import KilnModel
-from workers.trace_once import TraceOnce
+from kiln.workers.config import CompilationConfig
+from kiln.workers.layers.custom_op import building_with
+from kiln.workers.runtime.kiln_model import KilnModel
+from kiln.workers.compilation.trace_once import TraceOnce
 
 
 def test_tensor_inside_a_list_is_never_frozen_as_a_constant():
@@ -32,7 +32,7 @@ def test_tensor_inside_a_list_is_never_frozen_as_a_constant():
 
 
 def test_structural_hash_of_a_zero_dim_constant():
-    from workers.structural_hash import structural_hash
+    from kiln.workers.compilation.structural_hash import structural_hash
 
     class WithScalar(torch.nn.Module):
         def __init__(self):
@@ -60,7 +60,7 @@ def test_empty_batch_is_a_clear_error():
 
 
 def test_inductor_options_with_another_backend_are_an_error():
-    from workers.backend import compile_forward
+    from kiln.workers.compilation.backend import compile_forward
 
     config = CompilationConfig(level=1, backend="eager", inductor_compile_config={"max_autotune": False})
     with pytest.raises(ValueError, match="inductor_compile_config.*apply to Inductor only"):

@@ -6,14 +6,19 @@ from pathlib import Path
 
 import torch
 
-from workers import compiler_factors as cf
+from kiln.workers.compilation import factors as cf
 
 
-def test_every_workers_module_is_classified():
-    modules = {p.stem for p in Path(cf.__file__).parent.glob("*.py")}
-    classified = set(cf.CODEGEN_MODULES) | set(cf.RUNTIME_MODULES)
-    assert modules == classified, f"classify in compiler_factors: {sorted(modules ^ classified)}"
-    assert not set(cf.CODEGEN_MODULES) & set(cf.RUNTIME_MODULES)
+def test_codegen_source_covers_whole_packages():
+    """Every file of the codegen sub-packages is hashed (a new file cannot be forgotten), and no
+    runtime module is."""
+    workers = Path(cf.__file__).resolve().parents[1]
+    hashed = {p.relative_to(workers).as_posix() for p in cf.codegen_source_files()}
+    for package in cf.CODEGEN_PACKAGES:
+        on_disk = {p.relative_to(workers).as_posix() for p in (workers / package).rglob("*.py")}
+        assert on_disk and on_disk <= hashed, sorted(on_disk - hashed)
+    assert "torch_internals.py" in hashed
+    assert not any(name.startswith(("runtime/", "models/")) or name == "worker.py" for name in hashed)
 
 
 def test_factors_hold_no_machine_paths():

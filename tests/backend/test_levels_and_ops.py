@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from examples.toy_llama import build
-from workers.config import CompilationConfig
-from workers.custom_ops import building_with
-from workers.layers import RMSNorm, RotaryEmbedding, SiluAndMul
-from workers.runner import KilnModel
+from kiln.workers.config import CompilationConfig
+from kiln.workers.layers.custom_op import building_with
+from kiln.workers.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from kiln.workers.runtime.kiln_model import KilnModel
+from kiln.workers.torch_internals import without_torch_compile_caches
 
 
 def _compare(kiln: KilnModel, ref: torch.nn.Module, sizes=(1, 3, 9)) -> None:
@@ -40,7 +43,7 @@ def test_level2_traces_once_for_every_batch_size():
         calls.append(gm)
         return gm.forward
 
-    from workers.trace_once import TraceOnce
+    from kiln.workers.compilation.trace_once import TraceOnce
 
     model = build()
     fn = TraceOnce(model, counting_backend)
@@ -87,7 +90,7 @@ def test_custom_ops_pick_paths_and_are_counted(custom_ops, use_inductor, expect_
 
 
 def test_unknown_custom_op_name_is_an_error():
-    from workers.backend import compile_forward
+    from kiln.workers.compilation.backend import compile_forward
 
     config = CompilationConfig(custom_ops=["+rms_nrom"])
     with pytest.raises(ValueError, match="rms_nrom"):
@@ -111,9 +114,9 @@ class _PlainAttention(torch.nn.Module):
 
 
 def test_split_at_torch_sdpa_in_a_plain_model(tmp_path):
-    from cache import CacheStore
-    from workers.backend import compile_forward
-    from workers.record import CompileRecord
+    from kiln.cache import CacheStore
+    from kiln.workers.compilation.backend import compile_forward
+    from kiln.workers.compilation.record import CompileRecord
 
     model = _PlainAttention().eval()
     config = CompilationConfig(splitting_ops=["aten::scaled_dot_product_attention"], compile_sizes=[3])
@@ -136,7 +139,7 @@ def test_split_at_torch_sdpa_in_a_plain_model(tmp_path):
 def test_noop_elimination_removes_exactly_the_noops():
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from workers.passes import NoOpEliminationPass
+    from kiln.workers.compilation.passes import NoOpEliminationPass
 
     def f(x):
         a = x.view(4, 8)          # no-op
@@ -172,8 +175,8 @@ def test_kiln_is_a_torch_compile_backend(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("level", [2, 3])
 def test_user_inductor_pass_runs_post_grad(tmp_path, monkeypatch, level):
-    from cache import CacheStore
-    from workers.backend import compile_forward
+    from kiln.cache import CacheStore
+    from kiln.workers.compilation.backend import compile_forward
 
     module = f"kiln_user_pass_{level}"
     (tmp_path / f"{module}.py").write_text(
@@ -182,12 +185,6 @@ def test_user_inductor_pass_runs_post_grad(tmp_path, monkeypatch, level):
         "    SEEN.append(sum(1 for n in graph.nodes if 'mul' in str(n.target)))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    if level == 2:
-        # Level 2 compiles through Inductor's own caches: a hit from an earlier run would skip
-        # the compile, and so the pass. (Level 3 compiles in a private cache directory, and its
-        # artifacts are saved through those caches, so they stay on there.)
-        monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-        monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     user_pass = __import__(module)
 
     class M(torch.nn.Module):
@@ -195,7 +192,13 @@ def test_user_inductor_pass_runs_post_grad(tmp_path, monkeypatch, level):
             return (x * 3).sin()
 
     config = CompilationConfig(level=level, splitting_ops=[], inductor_passes={"count": f"{module}:count_mul"})
-    fn, _ = compile_forward(M(), config, store=CacheStore(tmp_path / "root"))
-    x = torch.randn(5, 2)
-    torch.testing.assert_close(fn(x), (x * 3).sin())
+    # Level 2 compiles through Inductor's own caches: a hit from an earlier run would skip the
+    # compile, and so the pass. (Level 3 compiles in a private cache directory, and its artifacts
+    # are saved through those caches, so they stay on there.) Patched through torch's own
+    # patch(), which restores exactly what was there.
+    caches_off = without_torch_compile_caches() if level == 2 else contextlib.nullcontext()
+    with caches_off:
+        fn, _ = compile_forward(M(), config, store=CacheStore(tmp_path / "root"))
+        x = torch.randn(5, 2)
+        torch.testing.assert_close(fn(x), (x * 3).sin())
     assert user_pass.SEEN == [1], "the pass did not run exactly once on the post-grad graph"

@@ -23,8 +23,8 @@ from pathlib import Path
 # The repository root, so `import cache` works however the test runner was started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import cache.atomic  # noqa: E402
-from cache import CacheStore, digest_bytes  # noqa: E402
+import kiln.cache.atomic  # noqa: E402
+from kiln.cache import CacheStore, digest_bytes  # noqa: E402
 
 FACTORS = {"test": "concurrency", "schema": 1}
 
@@ -69,7 +69,7 @@ def read_mode(root: str, stop: str) -> None:
     checked = {"blobs": 0, "refs": 0, "bad": []}
     while not os.path.exists(stop):
         for path in sorted((entry_dir / "blobs").glob("*")):
-            if path.name.startswith(cache.atomic.TEMP_PREFIX):
+            if path.name.startswith(kiln.cache.atomic.TEMP_PREFIX):
                 continue
             data = _read_if_present(path)
             if data is not None:
@@ -107,7 +107,7 @@ def _slow_down_writes(delay: float, announce: bool = False) -> None:
                 print("writing", flush=True)
             time.sleep(delay)
 
-    cache.atomic._write_all = slow_write_all
+    kiln.cache.atomic._write_all = slow_write_all
 
 
 def slow_write_mode(root: str, size: str) -> None:

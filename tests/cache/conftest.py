@@ -27,7 +27,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(root: Path):
-    from cache import CacheStore
+    from kiln.cache import CacheStore
 
     return CacheStore(root)
 

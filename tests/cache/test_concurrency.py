@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from cache import CacheStore, digest_bytes
-from cache.atomic import TEMP_PREFIX
-from cache.maintenance import verify
+from kiln.cache import CacheStore, digest_bytes
+from kiln.cache.atomic import TEMP_PREFIX
+from kiln.cache.maintenance import verify
 
 KEYS = [f"graph{i}" for i in range(5)]
 

@@ -12,11 +12,11 @@ import filelock
 import pytest
 from click.testing import CliRunner
 
-import cache.verify
-from cache import CacheStore, digest_bytes
-from cache.atomic import TEMP_PREFIX
-from cache.maintenance import diff_factors, flatten, format_path, format_size, parse_size
-from orchestrator.cli_cache import cache_group, format_ranks
+import kiln.cache.verify
+from kiln.cache import CacheStore, digest_bytes
+from kiln.cache.atomic import TEMP_PREFIX
+from kiln.cache.maintenance import diff_factors, flatten, format_path, format_size, parse_size
+from kiln.orchestrator.cli_cache import cache_group, format_ranks
 
 DAY = 86400
 
@@ -153,7 +153,7 @@ def test_verify_sets_aside_links_and_reports_unsafe_dirs(root, two_entries, tmp_
 def test_verify_reports_a_rank_index_it_cannot_quarantine(root, two_entries, monkeypatch):
     _, new = two_entries
     (new.path / "rank_0" / "index.json").write_text("{broken")
-    monkeypatch.setattr(cache.verify, "quarantine_file", lambda *args, **kwargs: None)  # as on a read-only mount
+    monkeypatch.setattr(kiln.cache.verify, "quarantine_file", lambda *args, **kwargs: None)  # as on a read-only mount
     result = cli("verify", "--root", root)
     assert result.exit_code == 1, result.output
     assert f"problem: {new.key}/rank_0/index.json: malformed rank index" in result.output
@@ -162,7 +162,7 @@ def test_verify_reports_a_rank_index_it_cannot_quarantine(root, two_entries, mon
 def test_verify_skips_what_vanishes_mid_run(root, two_entries, monkeypatch):
     old, new = two_entries
     orphan = old.put_blob(b"referenced by nothing")
-    real_digest_file, real_check_dir_safe = cache.verify.digest_file, cache.verify.check_dir_safe
+    real_digest_file, real_check_dir_safe = kiln.cache.verify.digest_file, kiln.cache.verify.check_dir_safe
 
     def quarantined_meanwhile(path):  # by a warm-up that found the blob bad, say
         if Path(path).name == orphan:
@@ -174,8 +174,8 @@ def test_verify_skips_what_vanishes_mid_run(root, two_entries, monkeypatch):
             os.replace(new.path, root / f".trash-{new.key}-1-0")
         return real_check_dir_safe(path)
 
-    monkeypatch.setattr(cache.verify, "digest_file", quarantined_meanwhile)
-    monkeypatch.setattr(cache.verify, "check_dir_safe", pruned_meanwhile)
+    monkeypatch.setattr(kiln.cache.verify, "digest_file", quarantined_meanwhile)
+    monkeypatch.setattr(kiln.cache.verify, "check_dir_safe", pruned_meanwhile)
     result = cli("verify", "--root", root)
     assert result.exit_code == 0, result.output
     assert "verified 1 entries: 3 blobs" in result.output
@@ -184,13 +184,13 @@ def test_verify_skips_what_vanishes_mid_run(root, two_entries, monkeypatch):
 def test_verify_reports_unreadable_files_and_quarantines_nothing(root, two_entries, monkeypatch):
     old, _ = two_entries
     digest, ref = old.lookup("g1")[0], old.path / "refs" / "g0.json"
-    real_digest_file, real_read = cache.verify.digest_file, cache.verify.read_file_nofollow
+    real_digest_file, real_read = kiln.cache.verify.digest_file, kiln.cache.verify.read_file_nofollow
 
     def eio(path):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
 
-    monkeypatch.setattr(cache.verify, "digest_file", lambda p: eio(p) if Path(p).name == digest else real_digest_file(p))
-    monkeypatch.setattr(cache.verify, "read_file_nofollow", lambda p: eio(p) if Path(p) == ref else real_read(p))
+    monkeypatch.setattr(kiln.cache.verify, "digest_file", lambda p: eio(p) if Path(p).name == digest else real_digest_file(p))
+    monkeypatch.setattr(kiln.cache.verify, "read_file_nofollow", lambda p: eio(p) if Path(p) == ref else real_read(p))
     indexes = {r: old.rank_index(r).path.read_bytes() for r in range(4)}
     result = cli("verify", "--root", root)
     assert result.exit_code == 1, result.output

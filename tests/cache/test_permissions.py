@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import cache.atomic
-import cache.permissions
-import cache.store
-from cache import CacheStore, UnsafeCacheError, atomic_write_bytes, digest_bytes
-from cache.atomic import TEMP_PREFIX
-from cache.permissions import ensure_private_dir
+import kiln.cache.atomic
+import kiln.cache.permissions
+import kiln.cache.store
+from kiln.cache import CacheStore, UnsafeCacheError, atomic_write_bytes, digest_bytes
+from kiln.cache.atomic import TEMP_PREFIX
+from kiln.cache.permissions import ensure_private_dir
 
 RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -36,7 +36,7 @@ def test_root_created_private_whatever_the_umask(tmp_path):
 
 def test_parents_kiln_creates_are_private_and_fsynced(tmp_path, monkeypatch):
     synced = []
-    monkeypatch.setattr(cache.permissions, "fsync_dir", lambda d: synced.append(Path(d)))
+    monkeypatch.setattr(kiln.cache.permissions, "fsync_dir", lambda d: synced.append(Path(d)))
     os.chmod(tmp_path, 0o755)
     old = os.umask(0o022)
     try:
@@ -151,7 +151,7 @@ def test_read_only_root_reported_by_os_access(root, monkeypatch, caplog):
     factors, digest, data = _fill(root)
     # As root, os.access says every directory is writable, so the answer is simulated here;
     # test_read_only_root_for_real below uses real permissions where the test user allows.
-    monkeypatch.setattr(cache.store, "is_writable", lambda path: False)
+    monkeypatch.setattr(kiln.cache.store, "is_writable", lambda path: False)
     _assert_read_only_behaviour(root, factors, digest, data, caplog)
 
 
@@ -171,7 +171,7 @@ def test_uncreatable_root_is_read_only(tmp_path, monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(cache.store, "ensure_private_dir", refuse)
+    monkeypatch.setattr(kiln.cache.store, "ensure_private_dir", refuse)
     store = CacheStore(tmp_path / "cannot-create")
     assert store.read_only
     with caplog.at_level(logging.WARNING, logger="kiln.cache"):
@@ -187,7 +187,7 @@ def test_failed_writes_warn_once_and_leave_nothing(entry, monkeypatch, caplog, e
         os.write(fd, view[: len(view) // 2])
         raise OSError(error, os.strerror(error))
 
-    monkeypatch.setattr(cache.atomic, "_write_all", half_then_fail)
+    monkeypatch.setattr(kiln.cache.atomic, "_write_all", half_then_fail)
     with caplog.at_level(logging.WARNING, logger="kiln.cache"):
         for i in range(3):
             digest, data, computed = entry.get_or_compute(f"g{i}", lambda i=i: b"artifact %d" % i * 100)
@@ -209,7 +209,7 @@ def test_atomic_write_cleans_up_and_keeps_old_file(tmp_path, monkeypatch):
         os.write(fd, view[:3])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache.atomic, "_write_all", fail)
+    monkeypatch.setattr(kiln.cache.atomic, "_write_all", fail)
     with pytest.raises(OSError, match="No space"):
         atomic_write_bytes(target, b"new contents that do not fit")
     assert target.read_bytes() == b"old contents"

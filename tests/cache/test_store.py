@@ -15,11 +15,11 @@ import filelock
 import pytest
 import xxhash
 
-import cache.rank_index
-import cache.store
-from cache import CacheError, CacheStore, atomic_write_json, canonical_json, digest_bytes, key_from_factors
-from cache.atomic import TEMP_PREFIX
-from cache.records import make_ref
+import kiln.cache.rank_index
+import kiln.cache.store
+from kiln.cache import CacheError, CacheStore, atomic_write_json, canonical_json, digest_bytes, key_from_factors
+from kiln.cache.atomic import TEMP_PREFIX
+from kiln.cache.records import make_ref
 
 
 def quarantined(entry) -> list[str]:
@@ -319,7 +319,7 @@ def test_unreadable_ref_or_blob_is_a_miss_not_corruption(entry, monkeypatch, cap
     ref = entry.path / "refs" / "g.json"
     for path in (ref, entry.blob_path(digest)):
         with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="kiln.cache"):
-            fail_reads_of(m, cache.store, path, error)
+            fail_reads_of(m, kiln.cache.store, path, error)
             assert entry.lookup("g") is None
         assert os.strerror(error) in caplog.text
         assert quarantined(entry) == [] and ref.exists() and entry.blob_path(digest).exists()
@@ -331,7 +331,7 @@ def test_unreadable_rank_index_kept_and_not_overwritten(entry, monkeypatch, capl
     d1, d2 = entry.put_blob(b"one"), entry.put_blob(b"two")
     index.update({"p1": {"digest": d1}})
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="kiln.cache"):
-        fail_reads_of(m, cache.rank_index, index.path)
+        fail_reads_of(m, kiln.cache.rank_index, index.path)
         assert index.read() == {}
         index.update({"p2": {"digest": d2}})  # merging over {} would drop p1: skipped instead
     assert "not updating it" in caplog.text

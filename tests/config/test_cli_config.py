@@ -8,8 +8,8 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from orchestrator.cli_config import config_group
-from workers.config import CompilationConfig
+from kiln.orchestrator.cli_config import config_group
+from kiln.workers.config import CompilationConfig
 
 HASH_LINE = re.compile(r"[0-9a-f]{32}")
 
@@ -127,7 +127,7 @@ def test_invalid_file(tmp_path):
 
 
 def test_through_main_when_available():
-    cli = pytest.importorskip("orchestrator.cli", reason="orchestrator.cli (cli_cache) not ready")
+    cli = pytest.importorskip("kiln.orchestrator.cli", reason="kiln.orchestrator.cli (cli_cache) not ready")
     result = runner().invoke(cli.main, ["config", "hash"], catch_exceptions=False)
     assert result.exit_code == 0
     assert last_line(result.stdout) == CompilationConfig().compute_hash()

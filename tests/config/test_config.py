@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from workers.config import (
+from kiln.workers.config import (
     DEFAULT_SPLITTING_OPS,
     CompilationConfig,
     CompilationLevel,
@@ -87,7 +87,7 @@ def test_sizes_before_init():
 
 def test_own_capture_sizes_win_and_dedupe_logs(caplog):
     config = CompilationConfig(cudagraph_capture_sizes=[4, 2, 4, 1, 2])
-    with caplog.at_level(logging.INFO, logger="workers.config"):
+    with caplog.at_level(logging.INFO, logger="kiln.workers.config"):
         config.init_with_cudagraph_sizes(VLLM_SIZES)
     assert config.cudagraph_capture_sizes == [4, 2, 1]
     assert config.max_capture_size == 4
@@ -493,7 +493,7 @@ def test_runtime_state():
 
 def test_no_torch_import(subprocess_env):
     code = (
-        "import sys, workers.config, orchestrator.cli_config;"
+        "import sys, kiln.workers.config, kiln.orchestrator.cli_config;"
         "bad = [m for m in ('torch', 'ray') if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from workers.config import CompilationConfig
+from kiln.workers.config import CompilationConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_SIZES = [1, 2, 4] + list(range(8, 513, 8))
@@ -253,7 +253,7 @@ def test_compile_factors_content():
 
 
 HASH_SCRIPT = """
-from workers.config import CompilationConfig
+from kiln.workers.config import CompilationConfig
 config = CompilationConfig(
     custom_ops=["none", "+rms_norm", "+silu_and_mul", "-gelu"],
     splitting_ops=["kiln::attention", "aten::mm.default"],

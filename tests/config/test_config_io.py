@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from workers.config import (
+from kiln.workers.config import (
     DEFAULT_SPLITTING_OPS,
     CompilationConfig,
     CompilationLevel,

@@ -37,11 +37,11 @@ def cache_root(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mode_matches_eager(mode, cache_root):
-    from cache import CacheStore
+    from kiln.cache import CacheStore
     from examples.toy_llama import build
-    from workers.config import CompilationConfig
-    from workers.custom_ops import building_with
-    from workers.runner import KilnModel
+    from kiln.workers.config import CompilationConfig
+    from kiln.workers.layers.custom_op import building_with
+    from kiln.workers.runtime.kiln_model import KilnModel
 
     config = CompilationConfig(cudagraph_mode=mode, cudagraph_copy_inputs=True)
     with building_with(config):
@@ -67,9 +67,9 @@ def test_mode_matches_eager(mode, cache_root):
 
 def test_static_buffer_contract(cache_root):
     from examples.toy_llama import build
-    from workers.config import CompilationConfig
-    from workers.custom_ops import building_with
-    from workers.runner import KilnModel
+    from kiln.workers.config import CompilationConfig
+    from kiln.workers.layers.custom_op import building_with
+    from kiln.workers.runtime.kiln_model import KilnModel
 
     config = CompilationConfig(cudagraph_mode="FULL", cudagraph_copy_inputs=False)
     with building_with(config):
@@ -97,9 +97,9 @@ def test_static_buffer_contract(cache_root):
 
 def test_all_reduce_free_capture_reports_memory_and_time(cache_root):
     from examples.toy_llama import build
-    from workers.config import CompilationConfig
-    from workers.custom_ops import building_with
-    from workers.runner import KilnModel
+    from kiln.workers.config import CompilationConfig
+    from kiln.workers.layers.custom_op import building_with
+    from kiln.workers.runtime.kiln_model import KilnModel
 
     config = CompilationConfig(cudagraph_mode="FULL_AND_PIECEWISE", cudagraph_copy_inputs=True)
     with building_with(config):

@@ -17,7 +17,7 @@ def ray_gpus():
         pytest.skip("needs 2 GPUs")
     import ray
 
-    from orchestrator.cluster import connect
+    from kiln.orchestrator.cluster import connect
 
     connect(None)
     yield
@@ -28,7 +28,7 @@ def ray_gpus():
 def test_tp_nccl_graphs_compile_once_and_match_tp1(ray_gpus, tmp_path, tp_n):
     if torch.cuda.device_count() < tp_n:
         pytest.skip(f"needs {tp_n} GPUs")
-    from orchestrator import CompilationConfig, Orchestrator
+    from kiln import CompilationConfig, Orchestrator
 
     config = CompilationConfig(cudagraph_mode="FULL_AND_PIECEWISE", cudagraph_copy_inputs=True)
     decode = (torch.arange(4), torch.full((4,), 2), torch.arange(4))

@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 def ray_cluster():
     import ray
 
-    from orchestrator.cluster import connect
+    from kiln.orchestrator.cluster import connect
 
     if ray.is_initialized():
         ray.shutdown()

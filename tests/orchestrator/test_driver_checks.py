@@ -8,11 +8,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from orchestrator import CompilationConfig, Orchestrator
-from orchestrator.cli_warmup import warmup_command
-from orchestrator.cluster import connect, placement_shortfall, rank_bundle, wants_gpus
-from orchestrator.driver import WarmupError
-from orchestrator.report import RunReport
+from kiln import CompilationConfig, Orchestrator
+from kiln.orchestrator.cli_warmup import warmup_command
+from kiln.orchestrator.cluster import connect, placement_shortfall, rank_bundle, wants_gpus
+from kiln.orchestrator.driver import WarmupError
+from kiln.orchestrator.report import RunReport
 
 MODEL = "examples/toy_llama.py:build"
 CPU = rank_bundle(False, 1)
@@ -104,7 +104,7 @@ def _runner() -> CliRunner:
 
 @pytest.mark.parametrize("option", ["--report", "--trace"])
 def test_unwritable_output_path_is_refused_before_the_warmup(tmp_path, option, monkeypatch):
-    import orchestrator.driver as driver
+    import kiln.orchestrator.driver as driver
 
     def never(*args, **kwargs):
         raise AssertionError("the warm-up started despite a bad output path")
@@ -119,7 +119,7 @@ def test_unwritable_output_path_is_refused_before_the_warmup(tmp_path, option, m
 
 
 def test_failed_warmup_still_writes_report_and_trace(tmp_path, monkeypatch):
-    import orchestrator.driver as driver
+    import kiln.orchestrator.driver as driver
 
     failure = {"rank": 1, "phase": "build_model", "cause": "ValueError: rank one refuses to build"}
 
@@ -152,7 +152,7 @@ def test_failed_warmup_still_writes_report_and_trace(tmp_path, monkeypatch):
 
 
 def test_root_causes_prefer_deaths_then_own_errors_over_knock_on_failures():
-    from orchestrator.driver import root_causes
+    from kiln.orchestrator.driver import root_causes
 
     died = {"rank": 1, "phase": "warmup", "cause": "worker process died (killed, out of memory, or its node was lost)"}
     peer = {"rank": 0, "phase": "warmup", "cause": "DistBackendError: [gloo] Connection closed by peer"}

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from orchestrator import CompilationConfig, Orchestrator
-from orchestrator.driver import WarmupError
+from kiln import CompilationConfig, Orchestrator
+from kiln.orchestrator.driver import WarmupError
 from tests.orchestrator.conftest import TINY
 
 MODEL = "examples/toy_llama.py:build"
@@ -107,7 +107,7 @@ def test_two_concurrent_warmups_compile_each_piece_once(ray_cluster, tmp_path):
 
 
 def test_factor_mismatch_is_refused_naming_the_factor(ray_cluster, tmp_path, monkeypatch):
-    import orchestrator.driver as driver
+    import kiln.orchestrator.driver as driver
 
     real = driver.driver_factors
     monkeypatch.setattr(driver, "driver_factors", lambda device: {**real(device), "torch": "0.0.0+elsewhere"})
@@ -137,14 +137,14 @@ FAULTY_MODEL = textwrap.dedent('''
 
         def example_inputs(self, n):
             # kiln asks for example inputs when it starts compiling: die there, once
-            from workers.parallel import tp_rank
+            from kiln.workers.layers.parallel_state import tp_rank
             if self.kill and tp_rank() == 1 and n > 1 and not os.path.exists(self.marker):
                 open(self.marker, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
             return (torch.zeros(n, 8),)
 
     def build(marker="", kill=False, fail=False):
-        from workers.parallel import tp_rank
+        from kiln.workers.layers.parallel_state import tp_rank
         if fail and tp_rank() == 1:
             raise ValueError("rank one refuses to build")
         torch.manual_seed(0)

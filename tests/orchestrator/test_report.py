@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report import RunReport, ReportError, check_writable, phase_kind, phase_seconds, short_device
+from kiln.orchestrator.report import RunReport, ReportError, check_writable, phase_kind, phase_seconds, short_device
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = 1764100000.0
@@ -314,7 +314,7 @@ def test_check_writable_creates_nothing_and_names_the_problem(tmp_path):
 
 
 def test_import_pulls_in_neither_torch_nor_ray():
-    code = "import orchestrator.report, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
+    code = "import kiln.orchestrator.report, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import CompilationConfig, Orchestrator
+from kiln import CompilationConfig, Orchestrator
 from tests.orchestrator.conftest import TINY
 from tests.simulated_cluster import simulated_cluster
 

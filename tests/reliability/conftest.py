@@ -112,7 +112,7 @@ def ray_local(_ray_session) -> str:
     modules that use it (each start costs seconds); restarted if another test replaced it."""
     import ray
 
-    from orchestrator.cluster import connect
+    from kiln.orchestrator.cluster import connect
 
     address = _ray_session.get("address")
     if not (ray.is_initialized() and ray.get_runtime_context().gcs_address == address):

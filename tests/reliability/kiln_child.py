@@ -35,7 +35,7 @@ def _sleep_forever(marker: str) -> None:
 
 def inject_compile_fault(nth: int, on_fault: Callable[[], None]) -> None:
     """Call `on_fault` at the start of the Nth Inductor compile of this process."""
-    import workers.compiler as compiler
+    import kiln.workers.compilation.piecewise_backend as compiler
 
     real = compiler.compile_graph
     calls = 0
@@ -53,8 +53,8 @@ def inject_compile_fault(nth: int, on_fault: Callable[[], None]) -> None:
 def inject_blob_write_fault(nth: int, on_fault: Callable[[], None]) -> None:
     """Call `on_fault` half-way through the Nth artifact write of this process (the temporary
     file holding half the bytes, fsynced)."""
-    import cache.atomic as atomic
-    import cache.store as store
+    import kiln.cache.atomic as atomic
+    import kiln.cache.store as store
 
     real_write, real_write_all = store.atomic_write_bytes, atomic._write_all
     state = {"blobs": 0, "armed": False}
@@ -78,7 +78,7 @@ def inject_blob_write_fault(nth: int, on_fault: Callable[[], None]) -> None:
 
 
 def override_compiler_factors(overrides: dict) -> None:
-    import workers.compiler as compiler
+    import kiln.workers.compilation.piecewise_backend as compiler
 
     real = compiler.compiler_factors
     compiler.compiler_factors = lambda device: {**real(device), **overrides}
@@ -88,11 +88,11 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     import torch
 
-    from cache import CacheStore
+    from kiln.cache import CacheStore
     from examples.toy_llama import build
-    from workers.config import CompilationConfig
-    from workers.custom_ops import building_with
-    from workers.runner import KilnModel
+    from kiln.workers.config import CompilationConfig
+    from kiln.workers.layers.custom_op import building_with
+    from kiln.workers.runtime.kiln_model import KilnModel
 
     fault = spec.get("fault")
     if fault:

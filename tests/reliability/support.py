@@ -16,9 +16,9 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
-from cache.atomic import is_temp_name
-from cache.digest import digest_bytes
-from cache.records import make_index, parse_index, parse_ref
+from kiln.cache.atomic import is_temp_name
+from kiln.cache.digest import digest_bytes
+from kiln.cache.records import make_index, parse_index, parse_ref
 from tests.orchestrator.conftest import TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ MODEL = "examples/toy_llama.py:build"
 UNIQUE_PIECES = 2
 
 # Hypothesis for the bad-input tests: small runs (CI), no example database left in the working
-# tree, and tmp_path/monkeypatch shared by the examples on purpose (the cache root must stay
+# tree, and tmp_path/monkeypatch shared by the examples on purpose (the kiln.cache root must stay
 # absent across all of them).
 SMALL = settings(max_examples=25, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -87,7 +87,7 @@ def cli(*args: str):
     """`kiln ARGS` in-process (click's CliRunner); the click Result."""
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from kiln.orchestrator.cli import main
 
     return CliRunner().invoke(main, list(args))
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests.orchestrator.conftest import TINY
 from tests.reliability.support import MODEL, REPO_ROOT, SMALL
-from workers.model_spec import ModelSpecError, build_model, load_factory, parse_model_spec
+from kiln.workers.models.spec import ModelSpecError, build_model, load_factory, parse_model_spec
 
 pytestmark = pytest.mark.reliability
 
@@ -23,7 +23,7 @@ def no_ray(monkeypatch):
     """Any attempt to start or attach to Ray fails the test."""
     import ray
 
-    import orchestrator.driver as driver
+    import kiln.orchestrator.driver as driver
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started for an invalid input")
@@ -51,7 +51,7 @@ invalid_sizes = st.one_of(
 @SMALL
 @given(sizes=invalid_sizes)
 def test_invalid_warmup_sizes_fail_before_ray_starts(no_ray, tmp_path, figure, sizes):
-    from orchestrator import Orchestrator
+    from kiln.orchestrator import Orchestrator
 
     figure.scenario = "bad input: Orchestrator.warmup(sizes)"
     root = tmp_path / "root"

@@ -22,7 +22,7 @@ def no_ray(monkeypatch):
     """Any attempt to build an Orchestrator or start Ray fails the test."""
     import ray
 
-    import orchestrator.driver as driver
+    import kiln.orchestrator.driver as driver
 
     def refuse(*args, **kwargs):
         raise AssertionError("an invalid command line got as far as the driver")
@@ -171,7 +171,7 @@ def test_cache_commands_on_a_missing_root(tmp_path, figure):
 @SMALL
 @given(size=st.text(alphabet="0123456789.KMGTBix- ", max_size=6))
 def test_cache_prune_bad_max_size(tmp_path, figure, size):
-    from cache.maintenance import parse_size
+    from kiln.cache.maintenance import parse_size
 
     try:
         parse_size(size)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.reliability
 
 
 def warmup_command(root, address: str, report) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "warmup", MODEL, "--tp", "1", "--sizes", "2", *tiny_model_args(),
+    return [sys.executable, "-m", "kiln.orchestrator.cli", "warmup", MODEL, "--tp", "1", "--sizes", "2", *tiny_model_args(),
             "--cache-root", str(root), "--address", address, "--report", str(report), "--quiet"]
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from cache.digest import key_from_factors
+from kiln.cache.digest import key_from_factors
 from tests.reliability.support import (
     UNIQUE_PIECES,
     index_entries,

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from cache.atomic import is_temp_name
+from kiln.cache.atomic import is_temp_name
 from tests.reliability.support import (
     UNIQUE_PIECES,
     drop_artifact,
@@ -127,8 +127,8 @@ def test_sigkill_ray_worker(ray_local, tmp_path, figure, at):
     import torch
 
     from examples.toy_llama import build
-    from orchestrator import CompilationConfig, Orchestrator
-    from orchestrator.driver import WarmupError
+    from kiln import CompilationConfig, Orchestrator
+    from kiln.orchestrator.driver import WarmupError
     from tests.orchestrator.conftest import TINY
 
     figure.scenario = {"compile": "kill: Ray worker mid Inductor compile",

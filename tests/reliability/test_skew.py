@@ -26,9 +26,9 @@ SKEWED = {"torch": OTHER_TORCH, "kiln": "0.0.1+other", "python": "3.9", "device"
 @pytest.mark.parametrize("factor", [pytest.param(f, marks=() if f in ("torch", "device") else pytest.mark.slow)
                                     for f in SKEWED])
 def test_worker_with_another_toolchain_is_refused(ray_local, tmp_path, monkeypatch, figure, factor):
-    import orchestrator.driver as driver
-    from orchestrator import CompilationConfig, Orchestrator
-    from orchestrator.driver import WarmupError
+    import kiln.orchestrator.driver as driver
+    from kiln import CompilationConfig, Orchestrator
+    from kiln.orchestrator.driver import WarmupError
 
     figure.scenario = f"skew: worker's {factor} differs from the driver's"
     real = driver.driver_factors

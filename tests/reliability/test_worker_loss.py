@@ -32,14 +32,14 @@ def compiling_started(root) -> bool:
 
 
 def orchestrator(root, address: str):
-    from orchestrator import CompilationConfig, Orchestrator
+    from kiln import CompilationConfig, Orchestrator
 
     return Orchestrator(MODEL, 2, CompilationConfig(), str(root), address=address, model_kwargs=TINY,
                         placement="STRICT_SPREAD", progress=False)
 
 
 def test_lost_node_names_its_ranks_and_a_retry_completes(two_nodes, tmp_path, figure):
-    from orchestrator.driver import WarmupError
+    from kiln.orchestrator.driver import WarmupError
 
     figure.scenario = "worker loss: node removed mid compile (TP=2)"
     root = tmp_path / "root"

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from workers.config_io import (
+from kiln.workers.config.json_io import (
     ConfigError,
     apply_overrides,
     canonical_json,
@@ -33,7 +33,7 @@ from workers.config_io import (
     load_json_object,
     reject_unknown_keys,
 )
-from workers.config_checks import (
+from kiln.workers.config.checks import (
     CAPTURE_SIZES_PLACEHOLDER,
     FIELD_CHECKS,
     check_backend,
@@ -44,8 +44,8 @@ from workers.config_checks import (
     is_positive_int,
     padding_table,
 )
-from workers.compile_modes import CompilationLevel, CUDAGraphMode
-from workers.pass_config import PassConfig, pass_identity, pass_names, resolve_passes
+from kiln.workers.config.modes import CompilationLevel, CUDAGraphMode
+from kiln.workers.config.pass_config import PassConfig, pass_identity, pass_names, resolve_passes
 
 __all__ = [
     "CAPTURE_SIZES_PLACEHOLDER",

@@ -1,10 +1,8 @@
-"""kiln's custom ops and the `CustomOp` base for layers with two implementations.
+"""`CustomOp`, the base of layers with two implementations, and eager fast paths for splitting ops.
 
-- `kiln::attention`: the default splitting op (see workers/attention.py for its maths).
-- `kiln::all_reduce`: sum over the tensor-parallel group, no per-rank argument in the graph.
-- `CustomOp`: a layer whose custom path is an opaque op (Inductor cannot look inside) and whose
-  native path is plain torch code that Inductor fuses. Which one runs is fixed when the layer is
-  built, from the `CompilationConfig` active at that time (`building_with(config)`).
+A `CustomOp` layer's custom path is an opaque op (Inductor cannot look inside) and its native
+path is plain torch code that Inductor fuses. Which one runs is fixed when the layer is built,
+from the `CompilationConfig` active at that time (`building_with(config)`).
 """
 
 from __future__ import annotations
@@ -15,37 +13,12 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from workers.parallel import tp_state
+from kiln.workers.torch_internals import OpOverloadPacket
 
 if TYPE_CHECKING:
-    from workers.config import CompilationConfig
-
-# ---------------------------------------------------------------------------------------------
-# kiln::all_reduce
-
-
-@torch.library.custom_op("kiln::all_reduce", mutates_args=())
-def _all_reduce_op(x: torch.Tensor) -> torch.Tensor:
-    state = tp_state()
-    out = x.clone()
-    dist.all_reduce(out, group=state.group)
-    return out
-
-
-@_all_reduce_op.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the tensor-parallel group; the identity (no op in the graph) at world size 1."""
-    if tp_state().world_size == 1:
-        return x
-    return torch.ops.kiln.all_reduce(x)
-
+    from kiln.workers.config import CompilationConfig
 
 # ---------------------------------------------------------------------------------------------
 # Eager fast paths for splitting ops
@@ -53,7 +26,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 _EAGER_IMPLS: dict[object, Callable[..., torch.Tensor]] = {}
 
 
-def register_eager_impl(op: torch._ops.OpOverloadPacket, impl: Callable[..., torch.Tensor]) -> None:
+def register_eager_impl(op: OpOverloadPacket, impl: Callable[..., torch.Tensor]) -> None:
     """Let eagerly run splitting pieces call `impl` instead of dispatching `op`."""
     _EAGER_IMPLS[op] = impl
     _EAGER_IMPLS[op.default] = impl

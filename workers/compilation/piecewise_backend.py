@@ -18,20 +18,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
-from torch._dispatch.python import enable_python_dispatcher
 
-from workers.artifacts import ArtifactError, compile_graph, load_graph
-from workers.custom_ops import eager_impl
-from workers.compiler_factors import code_hash, codegen_env, compiler_factors
-from workers.passes import PostGradPassManager
-from workers.piecewise import PieceRunner, size_index
-from workers.record import CompileRecord, Phase
-from workers.split import Piece, split_graph
-from workers.structural_hash import structural_hash
+from kiln.workers import torch_internals
+from kiln.workers.compilation.artifacts import ArtifactError, compile_graph, load_graph
+from kiln.workers.layers.custom_op import eager_impl
+from kiln.workers.compilation.factors import code_hash, codegen_env, compiler_factors
+from kiln.workers.compilation.passes import PostGradPassManager
+from kiln.workers.compilation.piece_runner import PieceRunner, size_index
+from kiln.workers.compilation.record import CompileRecord, Phase
+from kiln.workers.compilation.split import Piece, split_graph
+from kiln.workers.compilation.structural_hash import structural_hash
 
 if TYPE_CHECKING:
-    from cache import CacheEntry, CacheStore
-    from workers.config import CompilationConfig
+    from kiln.cache import CacheEntry, CacheStore
+    from kiln.workers.config import CompilationConfig
 
 log = logging.getLogger("kiln.compiler")
 
@@ -110,8 +110,7 @@ def concrete_inputs(fake_args: Sequence[Any], size: int, real_by_id: dict[int, A
 def inductor_config_patches(config: CompilationConfig) -> dict[str, Any]:
     """Inductor config for compiling this config's graphs: `inductor_compile_config` (each option
     checked to exist) plus, when there are any, kiln's and the user's post-grad passes."""
-    from torch._inductor import config as inductor_config
-
+    inductor_config = torch_internals.inductor_config()
     patches = dict(config.inductor_compile_config)
     for key in patches:
         obj = inductor_config
@@ -184,7 +183,7 @@ class PiecewiseBackend:
         self.entry = self._open_cache_entry(gm, example_inputs)
         # Dynamo hands backends a fake mode of their own (sharing its shape env); fakify the
         # real inputs in it, which keeps their symbolic batch dimension.
-        fake_mode = torch._guards.TracingContext.get().fake_mode
+        fake_mode = torch_internals.tracing_fake_mode()
         fake_args = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
         real_by_id = {id(f): r for f, r in zip(fake_args, example_inputs) if isinstance(r, torch.Tensor)}
 
@@ -201,7 +200,7 @@ class PiecewiseBackend:
                 runners[target] = backend._runner_for(piece, args, real_by_id)
                 return out[0] if piece.returns_single else out
 
-        with fake_mode, enable_python_dispatcher():
+        with fake_mode, torch_internals.python_dispatcher():
             _Walk(split_gm).run(*fake_args)
 
         for name, runner in runners.items():
@@ -327,8 +326,7 @@ class PiecewiseBackend:
     # ---- set-up -------------------------------------------------------------------------------
 
     def _open_cache_entry(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CacheEntry | None:
-        traced = getattr(torch._guards.TracingContext.get(), "traced_code", None) or []
-        files = {code.co_filename for code in traced}
+        files = torch_internals.traced_code_files()
         if not files:  # torch without traced_code: the files named in the graph's stack traces
             files = _files_in_stack_traces(gm)
         digest, relative = code_hash(files)

@@ -7,23 +7,25 @@ the configured level; `kiln_backend` is the `torch.compile(model, backend="kiln"
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from workers.compile_modes import CompilationLevel
-from workers.compiler import PiecewiseBackend, inductor_config_patches
-from workers.config import CompilationConfig
-from workers.custom_ops import check_custom_op_names
-from workers.record import CompileRecord
-from workers.trace_once import TraceOnce
+from kiln.workers import torch_internals
+from kiln.workers.config.modes import CompilationLevel
+from kiln.workers.compilation.piecewise_backend import PiecewiseBackend, inductor_config_patches
+from kiln.workers.config import CompilationConfig
+from kiln.workers.layers.custom_op import check_custom_op_names
+from kiln.workers.compilation.record import CompileRecord
+from kiln.workers.compilation.trace_once import TraceOnce
 
 
 def _lookup_backend(name: str) -> Callable[..., Any]:
     try:
-        return torch._dynamo.lookup_backend(name)
+        return torch_internals.lookup_backend(name)
     except Exception as exc:
         raise ValueError(f"backend: unknown torch.compile backend {name!r} ({exc})") from None
 
@@ -43,11 +45,8 @@ def _dynamo_backend(config: CompilationConfig) -> Callable[..., Any]:
         return _lookup_backend("inductor")
 
     def inductor_with_config(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
-
-        with inductor_config.patch(patches):
-            return compile_fx(gm, example_inputs)
+        with torch_internals.inductor_config().patch(patches):
+            return torch_internals.compile_fx(gm, example_inputs)
 
     return inductor_with_config
 
@@ -77,10 +76,28 @@ def compile_forward(
     return TraceOnce(module, backend), backend
 
 
+def backend(config: CompilationConfig | None = None,
+            cache_root: str | os.PathLike[str] | None = None) -> Callable[..., Any]:
+    """A torch.compile backend that compiles piecewise with `config` (default: the default
+    config), cached under `cache_root` (default: config.cache_dir, else $KILN_CACHE_ROOT or
+    ~/.cache/kiln): `torch.compile(model, backend=kiln.backend(config, root))`."""
+    from kiln.cache import CacheStore
+
+    config = config if config is not None else CompilationConfig()
+    if config.level != CompilationLevel.PIECEWISE:
+        raise ValueError(f"level: kiln.backend compiles piecewise (level 3), got level {int(config.level)}; "
+                         "use kiln.compile or KilnModel for other levels")
+    check_custom_op_names(config)
+    root = cache_root if cache_root is not None else (config.cache_dir or None)
+
+    def kiln_piecewise(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        # One backend per graph Dynamo hands over (a recompile is a new graph, new pieces).
+        return PiecewiseBackend(config, CacheStore(root))(gm, example_inputs)
+
+    return kiln_piecewise
+
+
 def kiln_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
     """`torch.compile(model, backend="kiln")`: piecewise compile with the default config, cached
     under $KILN_CACHE_ROOT (or ~/.cache/kiln)."""
-    from cache import CacheStore
-
-    config = CompilationConfig()
-    return PiecewiseBackend(config, CacheStore(config.cache_dir or None))(gm, example_inputs)
+    return backend()(gm, example_inputs)

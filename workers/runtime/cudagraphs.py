@@ -23,7 +23,7 @@ from unittest import mock
 
 import torch
 
-from workers.piecewise import PieceRunner
+from kiln.workers.compilation.piece_runner import PieceRunner
 
 
 @dataclass

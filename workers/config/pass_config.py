@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from workers.config_io import canonical_json, hash_text, reject_unknown_keys
+from kiln.workers.config.json_io import canonical_json, hash_text, reject_unknown_keys
 
 # Flags that exist so configs written for vLLM-style stacks read the same way, but whose passes
 # kiln has not written yet. Turning one on is an error: a silently ignored fusion flag would

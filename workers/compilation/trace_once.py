@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from kiln.workers import torch_internals
+from kiln.workers.torch_internals import tree_flatten, tree_unflatten
 
 log = logging.getLogger("kiln.trace_once")
 
@@ -38,7 +40,7 @@ def _plan_from_graph(gm: fx.GraphModule, params: list[str], held: set[int]) -> l
     `held`: ids of the module's parameters and buffers, the only tensors that may be bound as
     constants (any other tensor input, say one passed inside a list, changes between calls).
     """
-    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+    LocalSource, TensorProperty, TensorPropertySource = torch_internals.dynamo_sources()
 
     plan: list[_Arg] = []
     for node in gm.graph.find_nodes(op="placeholder"):
@@ -103,7 +105,7 @@ class TraceOnce:
         if self.dynamic_batch:
             for value in inputs:
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
-                    torch._dynamo.mark_dynamic(value, 0)
+                    torch_internals.mark_dynamic(value, 0)
         self._dynamo_fn = torch.compile(self.module, backend=self._capture, fullgraph=True)
         self.times.dynamo_start = time.time()
         result = self._dynamo_fn(*inputs)

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from workers.compile_modes import CompilationLevel, CUDAGraphMode
-from workers.config import CompilationConfig
-from workers.cudagraphs import GraphPool, PiecewiseGraphs, fast_capture, graph_runtime
-from workers.record import CompileRecord
+from kiln.workers.config.modes import CompilationLevel, CUDAGraphMode
+from kiln.workers.config import CompilationConfig
+from kiln.workers.runtime.cudagraphs import GraphPool, PiecewiseGraphs, fast_capture, graph_runtime
+from kiln.workers.compilation.record import CompileRecord
 
 log = logging.getLogger("kiln.runner")
 
@@ -99,7 +99,7 @@ class KilnModel:
 
     def compile(self, sizes: list[int] | None = None) -> CompileRecord:
         """Trace, compile (or load) and, on CUDA, capture for `sizes` (default capture sizes)."""
-        from workers.backend import compile_forward
+        from kiln.workers.compilation.backend import compile_forward
 
         config, record = self.config, self.record
         config.init_with_cudagraph_sizes(sizes or DEFAULT_CAPTURE_SIZES)
@@ -241,6 +241,6 @@ def _rows(out: Any, n: int) -> Any:
 
 
 def _phase(name: str, start: float, end: float):
-    from workers.record import Phase
+    from kiln.workers.compilation.record import Phase
 
     return Phase(name, start, end, max(0.0, end - start))

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from workers.compile_modes import CUDAGraphMode
+from kiln.workers.config.modes import CUDAGraphMode
 
 CAPTURE_SIZES_PLACEHOLDER = "cudagraph_capture_sizes"
 """The compile_sizes entry that stands for every CUDA graph capture size."""

@@ -13,6 +13,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 
+from kiln.workers.torch_internals import OpOverload, OpOverloadPacket
+
 
 def op_names(target: object) -> set[str]:
     """The names a call_function target answers to: `ns::op` and, for overloads, `ns::op.overload`.
@@ -21,11 +23,11 @@ def op_names(target: object) -> set[str]:
     Dynamo records as torch._C._nn.scaled_dot_product_attention) answer to `aten::<name>`, the
     aten op they dispatch to, so unmodified models can be split at their attention.
     """
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, OpOverload):
         packet = target._schema.name  # "ns::op"
         overload = target._overloadname
         return {packet, f"{packet}.{overload}"}
-    if isinstance(target, torch._ops.OpOverloadPacket):
+    if isinstance(target, OpOverloadPacket):
         packet = target._qualified_op_name
         return {packet, f"{packet}.default"}
     module = getattr(target, "__module__", None) or ""

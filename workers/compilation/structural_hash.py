@@ -9,6 +9,7 @@ and the config hash. Rank, layer index and file locations never enter it.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -60,16 +61,20 @@ def describe_inputs(example_inputs: Sequence[Any]) -> list[Any]:
     return described
 
 
+def tensor_bytes(value: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's values, in row-major order (no numpy needed)."""
+    cpu = value.detach().cpu().contiguous()
+    return ctypes.string_at(cpu.data_ptr(), cpu.nbytes) if cpu.numel() else b""
+
+
 def _constants_digest(gm: fx.GraphModule) -> str:
     h = xxhash.xxh3_128()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = getattr(gm, node.target)
             if isinstance(value, torch.Tensor):
-                cpu = value.detach().cpu().contiguous()
-                h.update(f"{cpu.dtype}{tuple(cpu.shape)}".encode())
-                # reshape first: a 0-dim tensor cannot be viewed as bytes
-                h.update(cpu.reshape(-1).view(torch.uint8).numpy().tobytes() if cpu.numel() else b"")
+                h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+                h.update(tensor_bytes(value))
             else:
                 h.update(repr(value).encode())
     return h.hexdigest()

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import xxhash
 
+from kiln.workers import torch_internals
+
 # Bump when the layout or meaning of what kiln stores changes.
 CACHE_SCHEMA_VERSION = 1
 
@@ -39,48 +41,42 @@ CODEGEN_ENV_VARS = (
     "ATEN_CPU_CAPABILITY",
 )
 
-_KILN_PACKAGE_DIR = Path(__file__).resolve().parent
+_WORKERS_DIR = Path(__file__).resolve().parents[1]
+
+# kiln's sub-packages whose code shapes what Inductor compiles or how an artifact is stored:
+# every file in them, so a new file can never be forgotten. The rest (runtime/, models/, the
+# worker, its protocol) runs around compiled code and stays out of the key, so editing it keeps
+# the cache; the model code Dynamo traces is covered by the code hash instead.
+CODEGEN_PACKAGES = ("config", "compilation", "layers")
 
 
 def kiln_version() -> str:
-    try:
-        from importlib.metadata import version
+    from kiln import __version__
 
-        return version("torch-kiln")
-    except Exception:  # running from a source tree without installing
-        return "0+source"
+    return __version__
 
 
-# kiln's modules that shape what Inductor compiles or how an artifact is stored. The others
-# (worker, runner, CUDA graphs, reports) run around compiled code and stay out of the key, so
-# editing them does not throw caches away. tests/backend/test_factors.py makes every module
-# choose a side.
-CODEGEN_MODULES = (
-    "artifacts", "attention", "compile_modes", "compiler", "compiler_factors", "config",
-    "config_checks", "custom_ops", "layers", "pass_config", "passes", "split", "structural_hash",
-)
-RUNTIME_MODULES = (
-    "__init__", "backend", "config_io", "cudagraphs", "model_spec", "parallel", "piecewise",
-    "progress", "record", "runner", "trace_once", "worker",
-)
+def codegen_source_files() -> list[Path]:
+    """Every .py file of CODEGEN_PACKAGES (and torch_internals, the seam they compile through)."""
+    files = [_WORKERS_DIR / "torch_internals.py"]
+    for package in CODEGEN_PACKAGES:
+        files += sorted((_WORKERS_DIR / package).rglob("*.py"))
+    return files
 
 
 @functools.cache
 def kiln_source_hash() -> str:
-    """Hash of kiln's own code that shapes compiled artifacts (CODEGEN_MODULES)."""
+    """Hash of kiln's own code that shapes compiled artifacts (codegen_source_files())."""
     h = xxhash.xxh3_128()
-    for name in CODEGEN_MODULES:
-        path = _KILN_PACKAGE_DIR / f"{name}.py"
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    for path in codegen_source_files():
+        h.update(path.relative_to(_WORKERS_DIR).as_posix().encode() + b"\0")
+        h.update(xxhash.xxh3_128_digest(path.read_bytes()))
     return h.hexdigest()
 
 
 @functools.cache
 def _inductor_source_key() -> str:
-    from torch._inductor.codecache import torch_key
-
-    return torch_key().hex()[:32]
+    return torch_internals.inductor_source_key()
 
 
 def _triton_version() -> str:

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 import xxhash
-from torch._inductor.custom_graph_pass import CustomGraphPass
-
-from workers.pass_config import pass_identity
+from kiln.workers import torch_internals
+from kiln.workers.config.pass_config import pass_identity
 
 log = logging.getLogger("kiln.passes")
 aten = torch.ops.aten
@@ -79,7 +78,7 @@ class NoOpEliminationPass:
             log.debug("noop elimination removed %d nodes", removed)
 
 
-class PostGradPassManager(CustomGraphPass):
+class PostGradPassManager(torch_internals.custom_graph_pass_base()):
     """Runs kiln's passes, then the user's, on each post-grad graph Inductor compiles."""
 
     def __init__(self, user_passes: dict[str, Callable[[fx.Graph], None]], enable_noop: bool):

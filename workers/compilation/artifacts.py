@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from kiln.workers import torch_internals
+
 ARTIFACT_FORMAT = 1
 _MANIFEST = "kiln_artifact.json"
 # Files Inductor writes that a load never needs.
@@ -39,44 +41,19 @@ class ArtifactError(RuntimeError):
 @contextlib.contextmanager
 def _compiler_cache_dirs(path: str) -> Iterator[None]:
     """Point Inductor's and Triton's caches at `path` (and only there) for the block."""
-    from torch._inductor.utils import clear_caches
-
     saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     os.environ["TRITON_CACHE_DIR"] = os.path.join(path, "triton")
-    clear_caches()
+    torch_internals.clear_inductor_caches()
     try:
         yield
     finally:
-        clear_caches()
+        torch_internals.clear_inductor_caches()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-@contextlib.contextmanager
-def _skip_header_precompile() -> Iterator[None]:
-    """Load without Inductor's C++ header precompilation step.
-
-    Inductor preprocesses its C++ header (a compiler run, seconds on a small CPU) before it
-    looks for an already-built kernel library. Every library an artifact needs is in the
-    artifact, so the header is never used while loading; turning the setting off instead would
-    change the kernels' build key and force a rebuild. If a library were missing after all, the
-    build fails and the artifact is recompiled (ArtifactError).
-    """
-    from torch._inductor import codecache
-
-    original = getattr(codecache, "_precompile_header", None)
-    if original is None:  # torch builds without header precompilation
-        yield
-        return
-    codecache._precompile_header = lambda header, *args, **kwargs: header
-    try:
-        yield
-    finally:
-        codecache._precompile_header = original
 
 
 def compile_graph(
@@ -92,12 +69,8 @@ def compile_graph(
         save_dir = os.path.join(work, "artifact")
         os.makedirs(build_dir)
         with _compiler_cache_dirs(build_dir):
-            artifact = torch._inductor.standalone_compile(
-                gm,
-                list(example_inputs),
-                dynamic_shapes=dynamic_shapes,
-                options={"config_patches": config_patches},
-            )
+            artifact = torch_internals.standalone_compile(
+                gm, example_inputs, dynamic_shapes=dynamic_shapes, config_patches=config_patches)
             artifact.save(path=save_dir, format="unpacked")
         # The unpacked artifact holds Inductor's graph entries; the kernels it calls were
         # compiled into build_dir. Carry every build file the artifact lacks.
@@ -123,8 +96,8 @@ def load_graph(data: bytes, extract_root: str) -> CompiledFn:
     if manifest.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"artifact format {manifest.get('format')!r}, expected {ARTIFACT_FORMAT}")
     try:
-        with _compiler_cache_dirs(target), _skip_header_precompile():
-            return torch._inductor.CompiledArtifact.load(path=target, format="unpacked")
+        with _compiler_cache_dirs(target), torch_internals.skip_header_precompile():
+            return torch_internals.load_artifact(target)
     except Exception as exc:  # torch raises assorted types for a bad artifact
         raise ArtifactError(f"failed to load artifact: {type(exc).__name__}: {exc}") from exc
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.custom_ops import register_eager_impl
+from kiln.workers.layers.custom_op import register_eager_impl
 
 
 def attention_impl(

@@ -1,0 +1,1 @@
+"""Models: the model spec a driver names (`pkg.module:factory`, `path/file.py:factory`)."""

@@ -1,0 +1,207 @@
+"""The one seam between kiln and torch's private APIs (Dynamo, Inductor, guards, functorch, pytree).
+
+kiln reaches into torch where no public API does what it needs: binding a traced graph's inputs,
+compiling a piece with Inductor into a relocatable artifact, loading one without a compiler run.
+Every such use goes through this module, so a torch upgrade is checked in one place:
+`PRIVATE_SYMBOLS` lists each private name kiln relies on, and tests/test_torch_internals.py
+imports every one of them. kiln is tested on the torch releases in `TESTED_TORCH` and refuses
+others at import (set KILN_ALLOW_UNTESTED_TORCH=1 to try one anyway, with a warning).
+
+Heavy modules (Inductor) are imported when first used, not when this module is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch._ops import OpOverload, OpOverloadPacket
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = [
+    "OpOverload", "OpOverloadPacket", "tree_flatten", "tree_map", "tree_unflatten",
+    "TESTED_TORCH", "check_torch_version",
+]
+
+TESTED_TORCH = ((2, 11), (2, 13))
+"""Oldest and newest torch (major, minor) kiln is tested on: 2.11 on the GPUs, 2.13 on the CPU."""
+
+# (module, attribute) of every private symbol used below; the seam test imports each one.
+PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("torch._ops", "OpOverload"),
+    ("torch._ops", "OpOverloadPacket"),
+    ("torch.utils._pytree", "tree_flatten"),
+    ("torch.utils._pytree", "tree_map"),
+    ("torch.utils._pytree", "tree_unflatten"),
+    ("torch._dynamo", "mark_dynamic"),
+    ("torch._dynamo", "lookup_backend"),
+    ("torch._dynamo.source", "LocalSource"),
+    ("torch._dynamo.source", "TensorProperty"),
+    ("torch._dynamo.source", "TensorPropertySource"),
+    ("torch._guards", "TracingContext"),
+    ("torch._dispatch.python", "enable_python_dispatcher"),
+    ("torch._inductor", "standalone_compile"),
+    ("torch._inductor", "CompiledArtifact"),
+    ("torch._inductor", "config"),
+    ("torch._inductor.compile_fx", "compile_fx"),
+    ("torch._inductor.utils", "clear_caches"),
+    ("torch._inductor.codecache", "torch_key"),
+    ("torch._inductor.custom_graph_pass", "CustomGraphPass"),
+    ("torch._functorch", "config"),
+)
+
+# Present in some builds only; each use has a fallback.
+OPTIONAL_SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("torch._inductor.codecache", "_precompile_header"),  # absent: no header precompilation
+)
+
+
+def _minor(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise RuntimeError(f"cannot read torch version {version!r}")
+    return int(match[1]), int(match[2])
+
+
+def check_torch_version(version: str = torch.__version__) -> None:
+    """Refuse a torch outside TESTED_TORCH (warn instead with KILN_ALLOW_UNTESTED_TORCH=1)."""
+    lo, hi = TESTED_TORCH
+    if lo <= _minor(version) <= hi:
+        return
+    message = (f"kiln is tested on torch {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}, but torch {version} is "
+               "installed: kiln uses Dynamo's and Inductor's private APIs, which change between releases")
+    if os.environ.get("KILN_ALLOW_UNTESTED_TORCH") == "1":
+        warnings.warn(message + " (KILN_ALLOW_UNTESTED_TORCH=1: trying anyway)", RuntimeWarning, stacklevel=2)
+        return
+    raise ImportError(message + "; install a tested torch, or set KILN_ALLOW_UNTESTED_TORCH=1 to try anyway")
+
+
+check_torch_version()
+
+
+# ---- Dynamo -------------------------------------------------------------------------------------
+
+
+def mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
+    """Make `tensor`'s dimension `dim` symbolic in the next trace."""
+    torch._dynamo.mark_dynamic(tensor, dim)
+
+
+def lookup_backend(name: str) -> Callable[..., Any]:
+    """A registered torch.compile backend by name."""
+    return torch._dynamo.lookup_backend(name)
+
+
+def dynamo_sources() -> tuple[type, type, type]:
+    """(LocalSource, TensorProperty, TensorPropertySource): how Dynamo says where a graph input
+    came from (a forward argument, or a property of one such as its size)."""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+
+    return LocalSource, TensorProperty, TensorPropertySource
+
+
+def tracing_fake_mode() -> Any:
+    """The fake-tensor mode of the trace in progress (inside a Dynamo backend)."""
+    return torch._guards.TracingContext.get().fake_mode
+
+
+def traced_code_files() -> set[str]:
+    """Source files whose code the trace in progress inlined ({} on a torch that does not say)."""
+    traced = getattr(torch._guards.TracingContext.get(), "traced_code", None) or []
+    return {code.co_filename for code in traced}
+
+
+def python_dispatcher() -> contextlib.AbstractContextManager:
+    """The Python dispatcher, which symbolic shapes need while walking a graph with fake tensors."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    return enable_python_dispatcher()
+
+
+# ---- Inductor -----------------------------------------------------------------------------------
+
+
+def inductor_config() -> Any:
+    """torch._inductor.config (a module with `patch()` and attribute options)."""
+    return importlib.import_module("torch._inductor.config")
+
+
+def functorch_config() -> Any:
+    """torch._functorch.config (AOTAutograd's options, with `patch()`)."""
+    return importlib.import_module("torch._functorch.config")
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+    """Inductor's own torch.compile backend."""
+    from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
+
+    return inductor_compile_fx(gm, example_inputs)
+
+
+def standalone_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, dynamic_shapes: str,
+                       config_patches: dict[str, Any]) -> Any:
+    """Compile one graph with Inductor outside torch.compile; the result can `save()` itself."""
+    return torch._inductor.standalone_compile(gm, list(example_inputs), dynamic_shapes=dynamic_shapes,
+                                              options={"config_patches": config_patches})
+
+
+def load_artifact(path: str) -> Callable[..., Any]:
+    """Load an Inductor artifact saved with format="unpacked"."""
+    return torch._inductor.CompiledArtifact.load(path=path, format="unpacked")
+
+
+def clear_inductor_caches() -> None:
+    """Forget Inductor's in-memory caches (so a changed cache directory takes effect)."""
+    from torch._inductor.utils import clear_caches
+
+    clear_caches()
+
+
+def inductor_source_key() -> str:
+    """Inductor's own key for the torch source it was built from."""
+    from torch._inductor.codecache import torch_key
+
+    return torch_key().hex()[:32]
+
+
+def custom_graph_pass_base() -> type:
+    """Inductor's base class for custom passes (its uuid() enters Inductor's cache key)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+@contextlib.contextmanager
+def skip_header_precompile() -> Iterator[None]:
+    """Load C++ kernels without Inductor's header precompilation step.
+
+    Inductor preprocesses its C++ header (a compiler run, seconds on a small CPU) before it looks
+    for a kernel library that already exists. Turning the setting off would change the kernels'
+    build key and force a rebuild, so the step itself is stubbed for the block. Builds without
+    header precompilation have nothing to stub.
+    """
+    from torch._inductor import codecache
+
+    original = getattr(codecache, "_precompile_header", None)
+    if original is None:
+        yield
+        return
+    codecache._precompile_header = lambda header, *args, **kwargs: header
+    try:
+        yield
+    finally:
+        codecache._precompile_header = original
+
+
+@contextlib.contextmanager
+def without_torch_compile_caches() -> Iterator[None]:
+    """Turn off Inductor's FX graph cache and AOTAutograd's cache for the block, through their
+    own `patch()` (so the previous values come back exactly, whatever they were)."""
+    with inductor_config().patch(fx_graph_cache=False), functorch_config().patch(enable_autograd_cache=False):
+        yield
