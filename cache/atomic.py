@@ -35,13 +35,15 @@ def temp_name() -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
-    """Replace `path` with `data` atomically. On any failure (ENOSPC included) the temporary file
-    is removed, `path` is left as it was, and the error is re-raised."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *,
+                       mode: int = FILE_MODE) -> None:
+    """Replace `path` with `data` atomically (file mode `mode`, private by default). On any
+    failure (ENOSPC, Ctrl-C included) the temporary file is removed, `path` is left as it was,
+    and the error is re-raised."""
     path = Path(path)
     tmp = path.parent / temp_name()
     # O_EXCL: never reuse someone else's file; O_NOFOLLOW: never write through a planted link.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         try:
             _write_all(fd, memoryview(data).cast("B"))

@@ -29,8 +29,15 @@ def digest_file(path: str | os.PathLike) -> str:
 
 
 def canonical_json(obj: Any) -> str:
-    """The one JSON spelling of `obj` that keys are computed from: sorted keys, no spaces."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    """kiln's one JSON spelling of `obj`, which every key and hash is computed from: sorted keys,
+    no whitespace, ASCII, no NaN, so a hash depends neither on dict order, PYTHONHASHSEED nor
+    the platform."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def digest_text(text: str) -> str:
+    """xxh3-128 hex of `text` as UTF-8 (the digest of canonical JSON, for instance)."""
+    return digest_bytes(text.encode("utf-8"))
 
 
 def key_from_factors(factors: dict) -> str:

@@ -28,11 +28,18 @@ def default_root() -> Path:
     return Path(os.environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT).expanduser()
 
 
-def resolve_root(root: str | os.PathLike | None) -> Path:
-    """The root a store or CLI command should use: `root` if given, else default_root()."""
-    if root is None or str(root) == "":
-        return default_root()
-    return Path(root).expanduser()
+def resolve_root(root: str | os.PathLike | None, *, node: str | None = None, rank: int | None = None) -> Path:
+    """The root a store, a worker or a CLI command uses: `root` if given, else default_root()
+    ($KILN_CACHE_ROOT or ~/.cache/kiln), with ~ expanded and the placeholders `{node}` (one root
+    per node on a shared filesystem) and `{rank}` (a private root per rank, which turns
+    cross-rank compile-once off) replaced where `node` / `rank` are given. The driver and the
+    workers both resolve roots through this one function."""
+    text = os.fspath(root) if root is not None and os.fspath(root) != "" else str(default_root())
+    if node is not None:
+        text = text.replace("{node}", node)
+    if rank is not None:
+        text = text.replace("{rank}", str(rank))
+    return Path(text).expanduser()
 
 
 def open_existing_root(root: str | os.PathLike | None) -> Path:

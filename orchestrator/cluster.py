@@ -13,15 +13,10 @@ from typing import Any
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
-# Read by Ray when it is first imported: keeps a local cluster on loopback (Ray 2.60). Set here,
-# at import, because any `import ray` after this module is imported must see it.
-# Side effect: the variable lands in this process's environment (and every child's, Ray workers
-# included), so Ray here behaves as on macOS/Windows: the node's own IP resolves to 127.0.0.1
-# and `ray start --address …` run from such a process refuses to join a cluster. A driver that
-# attaches to a multi-node cluster from a node with a routable IP may need
-# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 in its environment (setdefault leaves that value alone).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 LOOPBACK = "127.0.0.1"
+# Ray 2.60 keeps a local cluster on loopback when this is "0" in the environment of the processes
+# it starts (raylet, workers: they read it when they import Ray).
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass
@@ -40,7 +35,11 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     if ray.is_initialized():
         return Cluster(False, 0.0)
     if address is None:
-        # _node_ip_address too, in case ray was imported before the variable above was set.
+        # Set only for the embedded cluster, right before it starts (never at import: attaching to
+        # a real multi-node cluster must not be forced onto loopback). The cluster's processes
+        # inherit it; this process may have read Ray's constants already, hence _node_ip_address.
+        # (A user's explicit value is kept.)
+        os.environ.setdefault(LOOPBACK_SWITCH, "0")
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
                                   "_node_ip_address": LOOPBACK,
                                   "configure_logging": True, "logging_level": "warning"}

@@ -18,18 +18,18 @@ import time
 import warnings
 from typing import Any
 
-from kiln.cache import default_root
+from kiln.cache.permissions import resolve_root
 from kiln.orchestrator.cluster import (
     STRATEGIES, alive_nodes, cluster_gpus, connect, placement_shortfall, rank_bundle, reserve, wants_gpus)
 from kiln.orchestrator.progress import ProgressView
 from kiln.orchestrator.report import RunReport
-from kiln.workers.config import CompilationConfig
+from kiln.workers.config import DEFAULT_CAPTURE_SIZES, CompilationConfig
 from kiln.workers.models.spec import parse_model_spec
+from kiln.workers.protocol import NodeInfo, SetupPayload, WorkerReport
 from kiln.workers.worker import KilnWorker, WorkerFailure, local_factors
 
 log = logging.getLogger("kiln.driver")
 
-DEFAULT_SIZES = [1, 2, 4, 8]
 
 
 # How long, after a rank's failure, the driver waits for the others' before tearing them down.
@@ -128,7 +128,7 @@ class Orchestrator:
         self.pg: Any = None
         self.cluster: Any = None
         self.board: Any = None
-        self.nodes: list[dict[str, Any]] = []
+        self.nodes: list[NodeInfo] = []
         self.orchestration: dict[str, float] = {}
         self.device = "cpu"
         self.started = False
@@ -173,24 +173,28 @@ class Orchestrator:
             for r in range(self.tp_size)
         ]
         self.board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
-        self.nodes = self._gather([w.node_info.remote() for w in self.workers], "start")
-        port = self._gather([self.workers[0].free_port.remote()], "start")[0]
+        # Asked together: the actors start in parallel, and the port comes with rank 0's answer.
+        port_ref = self.workers[0].free_port.remote()
+        *self.nodes, port = self._gather([*(w.node_info.remote() for w in self.workers), port_ref], "start")
         self.orchestration["actors_ready"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        payload = {
-            "config_json": self.config.to_json(indent=None),
-            "config_hash": self.config.compute_hash(),
-            "model": self.model, "model_kwargs": self.model_kwargs,
-            "device": self.device, "driver_factors": driver_factors(self.device),
-            "master_addr": self.nodes[0]["node"], "master_port": port,
-            "cache_root": self.cache_root, "progress": self.board, "timeout_s": self.timeout_s,
+        payload = SetupPayload(
+            config_json=self.config.to_json(indent=None),
+            config_hash=self.config.compute_hash(),
+            model=self.model, model_kwargs=self.model_kwargs,
+            device=self.device, driver_factors=driver_factors(self.device),
+            master_addr=self.nodes[0].node, master_port=port,
+            cache_root=self.cache_root, progress=self.board, timeout_s=self.timeout_s,
             # A 'path/file.py:factory' spec is relative to the driver's directory; workers look
             # there after their own (which differs on another node or under a Ray job).
-            "search_dirs": [os.getcwd()],
-        }
+            search_dirs=[os.getcwd()],
+        )
         self._gather([w.setup.remote(payload) for w in self.workers], "setup")
         self.orchestration["broadcast"] = time.perf_counter() - t1
+        # Building the model is per-rank work (its own phase in each rank's report), not
+        # orchestration: the driver only waits for it.
+        self._gather([w.build.remote() for w in self.workers], "build_model", timeout=self.timeout_s)
         self.started = True
         self.started_sizes = self._run_sizes()
 
@@ -310,7 +314,7 @@ class Orchestrator:
     # ---- the work -----------------------------------------------------------------------------
 
     def _run_sizes(self) -> list[int]:
-        return list(self.config.cudagraph_capture_sizes or DEFAULT_SIZES)
+        return list(self.config.cudagraph_capture_sizes or DEFAULT_CAPTURE_SIZES)
 
     def warmup(self, sizes: list[int] | None = None) -> RunReport:
         """Compile (or load) and capture on every rank; returns the merged run report."""
@@ -354,8 +358,10 @@ class Orchestrator:
                 log.warning("warm-up attempt %d failed (%s); retrying with what the cache holds", attempt, exc)
         return self._merge(reports, run_sizes, t0, started_at, retried)
 
-    def _merge(self, reports: list[dict[str, Any]], sizes: list[int], t0: float, started_at: float,
+    def _merge(self, worker_reports: list[WorkerReport], sizes: list[int], t0: float, started_at: float,
                failures: list[dict[str, Any]]) -> RunReport:
+        # The run report is a file format (plain JSON); the typed reports end here.
+        reports = [r.model_dump(mode="json") for r in worker_reports]
         return RunReport.merge(
             reports, config_hash=self.config.compute_hash(), cache_root=self._report_cache_root(reports),
             model=self.model, tp_size=self.tp_size, sizes=sizes, wall_seconds=time.perf_counter() - t0,
@@ -368,7 +374,7 @@ class Orchestrator:
         if roots:
             return ", ".join(roots)  # several with {node} or {rank} in the root
         # No rank opened an entry (a failure, or level 0): what the workers would have resolved.
-        return os.path.expanduser(self.cache_root) if self.cache_root else str(default_root())
+        return str(resolve_root(self.cache_root))
 
     def _require_started(self, call: str) -> None:
         if not self.started:

@@ -5,8 +5,8 @@ driver merges them into a `RunReport`, which renders three ways: a fixed-width t
 terminal, a JSON file (loadable again with `RunReport.from_json`), and a Chrome-trace timeline
 with one track per rank that Perfetto and chrome://tracing open.
 
-Pure stdlib on purpose: `kiln` subcommands that only read or print reports must not pay for
-importing torch or ray.
+Stdlib and kiln.cache's atomic writer only, on purpose: `kiln` subcommands that only read or
+print reports must not pay for importing torch or ray.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from kiln.cache.atomic import atomic_write_bytes
 
 # Counters summed over ranks by RunReport.totals(); a failed rank may lack any of them.
 COUNTERS = (
@@ -31,7 +33,10 @@ COUNTERS = (
     "memory_dedup_hits",
 )
 
-PHASE_KINDS = ("trace", "compile", "load", "capture", "other")
+# What a phase's time went to; workers tag each phase with its kind (kiln.workers.protocol).
+PHASE_KINDS = ("setup", "build", "trace", "compile", "load", "wait", "capture", "run", "other")
+# The kinds the per-rank table shows, each as a column of seconds.
+TABLE_KINDS = ("build", "trace", "compile", "load", "capture")
 REPORT_VERSION = 1
 MIB = 1 << 20
 
@@ -40,25 +45,17 @@ class ReportError(OSError):
     """A report file could not be written or read; the message names the path."""
 
 
-def phase_kind(name: str) -> str:
-    """Classify a phase name as one of PHASE_KINDS (the table columns and trace categories)."""
-    if name in ("dynamo_trace", "split"):
-        return "trace"
-    # "compile" alone: levels 1 and 2 compile the whole forward as one phase.
-    if name == "compile" or name.startswith("compile piece"):
-        return "compile"
-    if name.startswith("load piece"):
-        return "load"
-    if name.startswith("capture"):
-        return "capture"
-    return "other"
+def phase_kind(phase: dict) -> str:
+    """A phase's kind (one of PHASE_KINDS) as its worker tagged it; "other" if it did not."""
+    kind = phase.get("kind")
+    return kind if kind in PHASE_KINDS else "other"
 
 
 def phase_seconds(rank_report: dict, kind: str) -> float:
     """Total seconds a rank spent in phases of `kind` (one of PHASE_KINDS)."""
     if kind not in PHASE_KINDS:
         raise ValueError(f"unknown phase kind {kind!r}; expected one of {', '.join(PHASE_KINDS)}")
-    return sum(_duration(p) for p in rank_report.get("phases") or () if phase_kind(p.get("name", "")) == kind)
+    return sum(_duration(p) for p in rank_report.get("phases") or () if phase_kind(p) == kind)
 
 
 def _duration(phase: dict) -> float:
@@ -88,8 +85,8 @@ def _normalize_phase(phase: dict) -> dict:
     seconds = _duration(phase)
     if end is None and start is not None:
         end = start + seconds
-    return {"name": str(phase.get("name", "?")), "start": start, "end": end, "seconds": seconds,
-            "extra": dict(phase.get("extra") or {})}
+    return {"name": str(phase.get("name", "?")), "kind": phase_kind(phase), "start": start, "end": end,
+            "seconds": seconds, "extra": dict(phase.get("extra") or {})}
 
 
 def _failure_from_error(rank: int | None, error: dict) -> dict:
@@ -216,7 +213,7 @@ class RunReport:
 
         The TOTAL row sums phase seconds over ranks (work done, not elapsed time) and shows the
         slowest rank's wall seconds; the footer gives the run's own wall time."""
-        header = ["rank", "node", "device", "trace s", "compile s", "load s", "capture s",
+        header = ["rank", "node", "device", *(f"{k} s" for k in TABLE_KINDS),
                   "compiles", "hits", "misses", "saved MiB", "loaded MiB", "wall s"]
         rows = [self._table_row(r) for r in self.ranks]
         rows.append(self._total_row())
@@ -226,15 +223,14 @@ class RunReport:
         # A trailing "!" marks a failed rank; the footer says why.
         rank = f"{r.get('rank', '?')}{'!' if r.get('error') else ''}"
         return [rank, str(r.get("node") or "?"), short_device(r.get("device")),
-                *(f"{phase_seconds(r, k):.2f}" for k in ("trace", "compile", "load", "capture")),
+                *(f"{phase_seconds(r, k):.2f}" for k in TABLE_KINDS),
                 str(r["inductor_compiles"]), str(r["cache_hits"]), str(r["cache_misses"]),
                 f"{r['bytes_saved'] / MIB:.2f}", f"{r['bytes_loaded'] / MIB:.2f}",
                 f"{float(r.get('wall_seconds') or 0.0):.2f}"]
 
     def _total_row(self) -> list[str]:
         t = self.totals()
-        kinds = ("trace", "compile", "load", "capture")
-        seconds = [sum(phase_seconds(r, k) for r in self.ranks) for k in kinds]
+        seconds = [sum(phase_seconds(r, k) for r in self.ranks) for k in TABLE_KINDS]
         return ["TOTAL", "", "", *(f"{s:.2f}" for s in seconds),
                 str(t["inductor_compiles"]), str(t["cache_hits"]), str(t["cache_misses"]),
                 f"{t['bytes_saved'] / MIB:.2f}", f"{t['bytes_loaded'] / MIB:.2f}", f"{t['wall_seconds']:.2f}"]
@@ -340,7 +336,7 @@ def _thread_meta(pid: int, tid: int, r: dict) -> list[dict]:
 
 def _phase_events(pid: int, tid: int, phases: list[dict], origin: float) -> list[dict]:
     """Complete ("X") events for phases that have a start time; others cannot be placed."""
-    return [{"name": p["name"], "cat": phase_kind(p["name"]), "ph": "X", "pid": pid, "tid": tid,
+    return [{"name": p["name"], "cat": p["kind"], "ph": "X", "pid": pid, "tid": tid,
              "ts": _us(p["start"] - origin), "dur": max(1.0, _us(p["seconds"])), "args": p["extra"]}
             for p in phases if p.get("start") is not None]
 
@@ -356,30 +352,16 @@ def _error_event(pid: int, tid: int, r: dict, origin: float) -> dict:
 
 
 def _atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as JSON to `path` through a temporary file in the same directory and
-    os.replace, so a reader never sees half a file; parent directories are created."""
+    """Write `obj` as JSON to `path` atomically (kiln's one atomic writer: a reader never sees
+    half a file); parent directories are created. Reports are for sharing: mode 0o644."""
     path = Path(path)
     _make_parent(path)
     # Keys in insertion order (fields as declared, orchestration steps as run): already stable.
     text = json.dumps(obj, indent=2, default=str) + "\n"
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        # O_EXCL: never write into a file someone else created under our temporary name.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        # BaseException too: Ctrl-C mid-write must not leave the temporary file behind.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and not isinstance(exc, ReportError):
-            raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
+        atomic_write_bytes(path, text.encode("utf-8"), mode=0o644)
+    except OSError as exc:
+        raise ReportError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 

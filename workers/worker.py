@@ -1,10 +1,11 @@
 """The per-rank worker: one Ray actor per GPU (or CPU bundle).
 
-The driver sends (config JSON, config hash, model spec, rank, world size, rendezvous address,
-its own toolchain factors). The worker recomputes the hash and compares the factors, refusing
-to run on any difference; joins torch.distributed (NCCL on GPU, gloo on CPU); builds its model
-shard; compiles (or loads) and captures; and returns a report. Any exception leaves as one
-`WorkerFailure` naming the rank, the phase it happened in, and the cause.
+The driver sends a `SetupPayload` (config JSON, config hash, model spec, rendezvous address,
+its own toolchain factors; see protocol.py). `setup()` recomputes the hash and compares the
+factors, refusing to run on any difference, and joins torch.distributed (NCCL on GPU, gloo on
+CPU); `build()` builds the model shard (its own phase: weights can dwarf compiling);
+`warmup()` compiles (or loads) and captures, and returns a `WorkerReport`. Any exception leaves
+as one `WorkerFailure` naming the rank, the phase it happened in, and the cause.
 
 The class is plain Python; the driver wraps it with `ray.remote`.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from kiln.workers.compilation.factors import kiln_version
+from kiln.workers.protocol import NodeInfo, PhaseRecord, SetupPayload, SetupResult, WorkerReport
 from kiln.workers.torch_internals import tree_map
 
 
@@ -60,26 +62,26 @@ class KilnWorker:
         self.phase = "start"
         self.kiln: Any = None
         self.model: Any = None
-        self.report: dict[str, Any] = {}
+        self.report: WorkerReport | None = None
         self.started = time.time()
 
     # ---- small queries the driver makes before set-up ----------------------------------------
 
-    def node_info(self) -> dict[str, Any]:
+    def node_info(self) -> NodeInfo:
         import ray
 
         ctx = ray.get_runtime_context()
-        return {
-            "rank": self.rank,
-            "node": ray.util.get_node_ip_address(),
-            "node_id": ctx.get_node_id()[:12],
-            "pid": os.getpid(),
-            "hostname": platform.node(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "cuda_available": torch.cuda.is_available(),
-            "visible_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        }
+        return NodeInfo(
+            rank=self.rank,
+            node=ray.util.get_node_ip_address(),
+            node_id=ctx.get_node_id()[:12],
+            pid=os.getpid(),
+            hostname=platform.node(),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+            cuda_available=torch.cuda.is_available(),
+            visible_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        )
 
     def free_port(self) -> int:
         import socket
@@ -95,38 +97,42 @@ class KilnWorker:
             return exc
         return WorkerFailure(self.rank, self.phase, type(exc).__name__, str(exc), traceback.format_exc())
 
-    def setup(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Check skew, join the process group, build the shard. Returns node facts."""
+    def setup(self, payload: SetupPayload) -> SetupResult:
+        """Check skew and join the process group."""
         try:
             return self._setup(payload)
         except BaseException as exc:  # noqa: BLE001 - everything leaves as a WorkerFailure
             raise self._fail(exc) from None
 
-    def _setup(self, p: dict[str, Any]) -> dict[str, Any]:
-        from kiln.cache import CacheStore
-        from kiln.workers.config import CompilationConfig
-        from kiln.workers.layers.custom_op import building_with
-        from kiln.workers.models.spec import build_model
-        from kiln.workers.layers.parallel_state import set_tp_state
+    def build(self) -> None:
+        """Build this rank's model shard and open its cache root."""
+        try:
+            self._build()
+        except BaseException as exc:  # noqa: BLE001
+            raise self._fail(exc) from None
+
+    def _setup(self, p: SetupPayload) -> SetupResult:
         from kiln.workers.compilation.record import CompileRecord
+        from kiln.workers.config import CompilationConfig
+        from kiln.workers.layers.parallel_state import set_tp_state
 
         self.phase = "verify"
-        use_cuda = p["device"] == "cuda"
+        use_cuda = p.device == "cuda"
         if use_cuda and not torch.cuda.is_available():
             raise SkewError("device differs: the driver placed this rank on a GPU, but torch here sees no CUDA")
         mine = local_factors("cuda" if use_cuda else "cpu")
-        for name, theirs in p["driver_factors"].items():
+        for name, theirs in p.driver_factors.items():
             if mine.get(name) != theirs:
                 raise SkewError(f"{name} differs: driver has {theirs!r}, this worker has {mine.get(name)!r}; "
                                 "refusing to compile (artifacts would not be interchangeable)")
-        config = CompilationConfig.from_json(p["config_json"])
-        if config.compute_hash() != p["config_hash"]:
-            raise SkewError(f"config differs: driver hash {p['config_hash']}, worker hash "
+        config = CompilationConfig.from_json(p.config_json)
+        if config.compute_hash() != p.config_hash:
+            raise SkewError(f"config differs: driver hash {p.config_hash}, worker hash "
                             f"{config.compute_hash()} for the same JSON (kiln version skew between nodes?)")
-        self.config = config
+        self.config, self.payload = config, p
 
         self.record = CompileRecord()
-        with self.record.phase("init_process_group") as facts:
+        with self.record.phase("init_process_group", "setup") as facts:
             self.phase = "init_process_group"
             device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
             if use_cuda:
@@ -136,46 +142,50 @@ class KilnWorker:
                 import torch.distributed as dist
 
                 dist.init_process_group(
-                    backend, init_method=f"tcp://{p['master_addr']}:{p['master_port']}",
+                    backend, init_method=f"tcp://{p.master_addr}:{p.master_port}",
                     rank=self.rank, world_size=self.world_size,
-                    timeout=datetime.timedelta(seconds=p.get("timeout_s", 1800)),
+                    timeout=datetime.timedelta(seconds=p.timeout_s),
                     **({"device_id": device} if use_cuda else {}))
             set_tp_state(self.world_size, self.rank)
             facts["backend"] = backend
         self.dist_backend = backend
         self.device = device
+        self.phase = "ready"
+        return SetupResult(device=self._device_name(), dist_backend=backend)
 
-        with self.record.phase("build_model"):
+    def _build(self) -> None:
+        import ray
+
+        from kiln.cache import CacheStore
+        from kiln.cache.permissions import resolve_root
+        from kiln.workers.layers.custom_op import building_with
+        from kiln.workers.models.spec import build_model
+
+        p = self.payload
+        with self.record.phase("build_model", "build"):
             self.phase = "build_model"
-            with building_with(config):
-                self.model = build_model(p["model"], p.get("model_kwargs") or {}, tuple(p.get("search_dirs", ())))
+            with building_with(self.config) as counts:
+                self.model = build_model(p.model, p.model_kwargs, tuple(p.search_dirs))
+        self.custom_op_counts = counts
 
         self.phase = "open_cache"
-        root = p.get("cache_root")
-        if root:
-            import ray
-
-            # {node}: one root per node on a shared filesystem; {rank}: a private root per rank
-            # (turns cross-rank compile-once off, e.g. to measure what it saves).
-            root = root.replace("{node}", ray.get_runtime_context().get_node_id()[:12])
-            root = root.replace("{rank}", str(self.rank))
-        self.store = CacheStore(root or None)
-        self.progress = p.get("progress")
+        node = ray.get_runtime_context().get_node_id()[:12]
+        self.store = CacheStore(resolve_root(p.cache_root, node=node, rank=self.rank))
+        self.progress = p.progress
         self.phase = "ready"
-        return {"device": self._device_name(), "dist_backend": backend}
 
     def _device_name(self) -> str:
         if self.device.type == "cuda":
             return f"cuda:{self.device.index} {torch.cuda.get_device_name(self.device)}"
         return "cpu"
 
-    def warmup(self, sizes: list[int]) -> dict[str, Any]:
+    def warmup(self, sizes: list[int]) -> WorkerReport:
         try:
             return self._warmup(sizes)
         except BaseException as exc:  # noqa: BLE001
             raise self._fail(exc) from None
 
-    def _warmup(self, sizes: list[int]) -> dict[str, Any]:
+    def _warmup(self, sizes: list[int]) -> WorkerReport:
         from kiln.workers.runtime.kiln_model import KilnModel
 
         record, config = self.record, self.config
@@ -197,32 +207,32 @@ class KilnWorker:
         self.phase = "ready"
         return self.report
 
-    def _report(self) -> dict[str, Any]:
+    def _report(self) -> WorkerReport:
         import ray
 
-        rec = self.record.to_dict()
-        config = self.config
-        capture = next((p for p in rec["phases"] if p["name"] == "capture"), None)
-        return {
-            **{k: rec[k] for k in (
-                "inductor_compiles", "cache_hits", "cache_misses", "artifacts_saved", "artifacts_loaded",
-                "bytes_saved", "bytes_loaded", "memory_dedup_hits", "pieces_total", "pieces_splitting",
-                "pieces_compiled", "unique_pieces", "traced_files", "warnings", "phases",
-                "cache_key", "cache_dir")},
-            "rank": self.rank, "world_size": self.world_size,
-            "node": ray.util.get_node_ip_address(),
-            "node_id": ray.get_runtime_context().get_node_id()[:12],
-            "pid": os.getpid(), "device": self._device_name(),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "dist_backend": self.dist_backend,
-            "config_hash": config.compute_hash(),
-            "cudagraphs": self.kiln.cudagraph_status if self.kiln else "off",
-            "capture": capture["extra"] if capture else None,
-            "capture_stats": [vars(s) for s in (self.kiln.pool.stats if self.kiln and self.kiln.pool else [])],
-            "custom_ops": {"enabled": dict(config.enabled_custom_ops), "disabled": dict(config.disabled_custom_ops)},
-            "wall_seconds": time.time() - self.started,
-            "error": None,
-        }
+        rec = self.record
+        capture = next((p for p in rec.phases if p.kind == "capture"), None)
+        counters = {name: getattr(rec, name) for name in (
+            "inductor_compiles", "cache_hits", "cache_misses", "artifacts_saved", "artifacts_loaded",
+            "bytes_saved", "bytes_loaded", "memory_dedup_hits", "pieces_total", "pieces_splitting",
+            "pieces_compiled", "unique_pieces", "cache_key", "cache_dir")}
+        return WorkerReport(
+            **counters,
+            phases=[PhaseRecord(**vars(p)) for p in rec.phases],
+            traced_files=list(rec.traced_files), warnings=list(rec.warnings),
+            rank=self.rank, world_size=self.world_size,
+            node=ray.util.get_node_ip_address(),
+            node_id=ray.get_runtime_context().get_node_id()[:12],
+            pid=os.getpid(), device=self._device_name(),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            dist_backend=self.dist_backend,
+            config_hash=self.config.compute_hash(),
+            cudagraphs=self.kiln.cudagraph_status if self.kiln else "off",
+            capture=capture.extra if capture else None,
+            capture_stats=[vars(s) for s in (self.kiln.pool.stats if self.kiln and self.kiln.pool else [])],
+            custom_ops=self.custom_op_counts.as_dict(),
+            wall_seconds=time.time() - self.started,
+        )
 
     # ---- forward on all ranks ---------------------------------------------------------------
 

@@ -77,7 +77,7 @@ def test_piecewise_without_inductor_splits_2L_plus_1():
 )
 def test_custom_ops_pick_paths_and_are_counted(custom_ops, use_inductor, expect_custom):
     config = CompilationConfig(custom_ops=custom_ops, use_inductor=use_inductor)
-    with building_with(config):
+    with building_with(config) as counts:
         model = build(layers=2)
     kinds = {RMSNorm: "rms_norm", SiluAndMul: "silu_and_mul", RotaryEmbedding: "rotary_embedding"}
     for module in model.modules():
@@ -85,7 +85,7 @@ def test_custom_ops_pick_paths_and_are_counted(custom_ops, use_inductor, expect_
             assert module.use_custom is expect_custom[kinds[type(module)]], (custom_ops, module)
     instances = {"rms_norm": 5, "silu_and_mul": 2, "rotary_embedding": 2}
     for name, n in instances.items():
-        counter = config.enabled_custom_ops if expect_custom[name] else config.disabled_custom_ops
+        counter = counts.enabled if expect_custom[name] else counts.disabled
         assert counter[name] == n
 
 

@@ -306,15 +306,6 @@ def test_custom_op_explicit():
     assert config.custom_op_enabled("silu_and_mul") is False
 
 
-def test_record_custom_op():
-    config = CompilationConfig()
-    config.record_custom_op("rms_norm", True)
-    config.record_custom_op("rms_norm", True)
-    config.record_custom_op("silu", False)
-    assert config.enabled_custom_ops == {"rms_norm": 2}
-    assert config.disabled_custom_ops == {"silu": 1}
-
-
 # ---------------------------------------------------------------------------------------------
 # deprecated flags
 
@@ -323,7 +314,25 @@ def test_use_cudagraph_false():
     with pytest.warns(DeprecationWarning, match="use_cudagraph"):
         config = CompilationConfig(use_cudagraph=False)
     assert config.cudagraph_mode is M.NONE
-    assert config.use_cudagraph is None  # folded into cudagraph_mode
+    assert config.use_cudagraph is False  # kept as given, folded into cudagraph_mode
+    assert "use_cudagraph" not in json.loads(config.to_json())
+
+
+def test_deprecated_flags_read_as_the_seed_does():
+    # A default config reads use_cudagraph=True (code that checks it must not think graphs are
+    # off) and full_cuda_graph=False, without any warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = CompilationConfig()
+    assert config.use_cudagraph is True and config.full_cuda_graph is False
+
+
+@pytest.mark.parametrize("flags", [{"use_cudagraph": True}, {"full_cuda_graph": False},
+                                   {"use_cudagraph": True, "full_cuda_graph": False}])
+def test_flags_that_ask_for_nothing_are_accepted_beside_a_mode(flags):
+    with pytest.warns(DeprecationWarning):
+        config = CompilationConfig(cudagraph_mode="piecewise", **flags)
+    assert config.cudagraph_mode is M.PIECEWISE
 
 
 def test_use_cudagraph_true_keeps_default():
@@ -338,7 +347,7 @@ def test_full_cuda_graph():
     with pytest.warns(DeprecationWarning, match="full_cuda_graph"):
         config = CompilationConfig(full_cuda_graph=True)
     assert config.cudagraph_mode is M.FULL
-    assert config.full_cuda_graph is None
+    assert config.full_cuda_graph is True  # kept as given, folded into cudagraph_mode
     with pytest.warns(DeprecationWarning):
         assert CompilationConfig(full_cuda_graph=False).cudagraph_mode is M.FULL_AND_PIECEWISE
     with pytest.warns(DeprecationWarning):
@@ -349,7 +358,6 @@ def test_full_cuda_graph():
     "kwargs, needle",
     [
         ({"use_cudagraph": False, "cudagraph_mode": "full"}, "use_cudagraph"),
-        ({"use_cudagraph": True, "cudagraph_mode": "none"}, "use_cudagraph"),
         ({"full_cuda_graph": True, "cudagraph_mode": "full"}, "full_cuda_graph"),
         ({"use_cudagraph": False, "full_cuda_graph": True}, "contradict"),
     ],
@@ -472,23 +480,24 @@ def test_every_field_documented():
             assert field.description, f"{model.__name__}.{name} has no docstring"
 
 
-def test_runtime_state():
+def test_config_holds_no_runtime_state():
+    # Timings, cache directories, traced files and counters belong to the objects that own them.
     config = CompilationConfig()
-    assert config.local_cache_dir == ""
-    config.set_local_cache_dir(Path("/tmp/kiln/x"))
-    assert config.local_cache_dir == "/tmp/kiln/x"
-    config.add_compilation_time(1.5)
-    config.add_compilation_time(0.25)
-    assert config.compilation_time == 1.75
-    with pytest.raises(ValueError):
-        config.add_compilation_time(-1)
-    config.traced_files.add("model.py")
-    assert config.traced_files == {"model.py"}
+    for name in ("local_cache_dir", "set_local_cache_dir", "compilation_time", "add_compilation_time",
+                 "traced_files", "record_custom_op", "enabled_custom_ops", "disabled_custom_ops"):
+        assert not hasattr(config, name), name
     dumped = config.model_dump()
-    for name in ("local_cache_dir", "compilation_time", "traced_files", "max_capture_size"):
-        assert name not in dumped
+    assert "max_capture_size" not in dumped and "bs_to_padded_graph_size" not in dumped
     assert config == CompilationConfig()
-    assert config.compute_hash() == CompilationConfig().compute_hash()
+
+
+def test_dotted_splitting_op_spelling_is_accepted():
+    dotted = CompilationConfig(splitting_ops=["silly.attention", "silly.attention.default"])
+    assert dotted.splitting_ops == ["silly::attention", "silly::attention.default"]
+    assert dotted.compute_hash() == CompilationConfig(
+        splitting_ops=["silly::attention", "silly::attention.default"]).compute_hash()
+    with pytest.raises(ValueError, match="splitting_ops"):
+        CompilationConfig(splitting_ops=["silly"])
 
 
 def test_no_torch_import(subprocess_env):

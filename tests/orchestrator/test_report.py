@@ -16,8 +16,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = 1764100000.0
 
 
+# The kind each phase's worker tags it with (kiln.workers.protocol.PhaseKind).
+KINDS = {"init_process_group": "setup", "build_model": "build", "dynamo_trace": "trace", "split": "trace",
+         "first_run": "run", "capture": "capture"}
+
+
 def _phase(name: str, start: float, seconds: float, **extra) -> dict:
-    return {"name": name, "start": T0 + start, "end": T0 + start + seconds, "seconds": seconds, "extra": extra}
+    kind = KINDS.get(name) or name.split()[0]  # "compile piece …" → compile, "load piece …" → load
+    return {"name": name, "kind": kind, "start": T0 + start, "end": T0 + start + seconds, "seconds": seconds,
+            "extra": extra}
 
 
 def _worker(rank: int, node: str, *, compiles: int, hits: int, misses: int, t: float = 0.0, **over) -> dict:
@@ -82,15 +89,19 @@ def report(workers) -> RunReport:
 
 
 def test_phase_kinds_and_seconds(workers):
-    assert [phase_kind(n) for n in ("dynamo_trace", "split", "compile piece 3 size 8", "load piece 0 size sym",
-                                    "capture", "first_run", "init_process_group", "compile")] == \
-        ["trace", "trace", "compile", "load", "capture", "other", "other", "compile"]
+    # Kinds come from the phase, never from parsing its name; an untagged or unknown kind is "other".
+    assert phase_kind({"name": "compile piece 3 size 8", "kind": "compile"}) == "compile"
+    assert phase_kind({"name": "compile piece 3 size 8"}) == "other"
+    assert phase_kind({"name": "x", "kind": "bogus"}) == "other"
     rank0 = workers[2]
+    assert phase_seconds(rank0, "build") == pytest.approx(0.25)
     assert phase_seconds(rank0, "trace") == pytest.approx(1.25)
     assert phase_seconds(rank0, "compile") == pytest.approx(2.0)
     assert phase_seconds(rank0, "load") == pytest.approx(0.5)
     assert phase_seconds(rank0, "capture") == pytest.approx(1.5)
-    assert phase_seconds(rank0, "other") == pytest.approx(1.25)
+    assert phase_seconds(rank0, "setup") == pytest.approx(0.5)
+    assert phase_seconds(rank0, "run") == pytest.approx(0.5)
+    assert phase_seconds(rank0, "other") == 0.0
     assert RunReport.phase_seconds({}, "compile") == 0.0
     with pytest.raises(ValueError):
         phase_seconds(rank0, "bogus")
@@ -127,7 +138,7 @@ def test_level2_compile_phase_fills_the_compile_column():
     worker = _worker(0, "n", compiles=1, hits=0, misses=1, device="cpu",
                      phases=[_phase("dynamo_trace", 0.0, 1.0), _phase("compile", 1.0, 3.0)])
     row = _merge([worker]).table().splitlines()[2].split()
-    assert row[:7] == ["0", "n", "cpu", "1.00", "3.00", "0.00", "0.00"]  # …, trace, compile, load, capture
+    assert row[:8] == ["0", "n", "cpu", "0.00", "1.00", "3.00", "0.00", "0.00"]  # …, build, trace, compile, load, capture
 
 
 def test_retried_failures_do_not_fail_the_run(workers):
@@ -200,9 +211,9 @@ def test_table_rows_and_numbers(report):
     assert len(rank_lines) == 3
     total = [ln for ln in lines if ln.startswith("TOTAL")]
     assert len(total) == 1
-    # TOTAL: trace 1.25*2, compile 2+2+1, load 0.5*2, capture 1.5*2, compiles 3, hits 3, misses 3,
-    # saved 3 MiB, loaded 1.5 MiB, wall max 8.
-    assert total[0].split()[1:] == ["2.50", "5.00", "1.00", "3.00", "3", "3", "3", "3.00", "1.50", "8.00"]
+    # TOTAL: build 0.25*2, trace 1.25*2, compile 2+2+1, load 0.5*2, capture 1.5*2, compiles 3,
+    # hits 3, misses 3, saved 3 MiB, loaded 1.5 MiB, wall max 8.
+    assert total[0].split()[1:] == ["0.50", "2.50", "5.00", "1.00", "3.00", "3", "3", "3", "3.00", "1.50", "8.00"]
     assert rank_lines[0].split()[:4] == ["0", "10.0.0.1", "cuda:0", "H100"]
     assert rank_lines[2].startswith("2!")  # the failed rank is marked
     # Columns line up: every table line is as wide as the header.
@@ -253,7 +264,7 @@ def test_chrome_trace(report, tmp_path):
     assert compile0["cat"] == "compile" and compile0["ts"] == 2_000_000 and compile0["dur"] == 2_000_000
     assert compile0["args"] == {"graph_key": "g0", "bytes": 1024}
     assert by_name[(1, "dynamo_trace")]["cat"] == "trace"
-    assert by_name[(2, "init_process_group")]["cat"] == "other"
+    assert by_name[(2, "init_process_group")]["cat"] == "setup"
 
     errors = [e for e in events if e["ph"] == "i"]
     assert len(errors) == 1

@@ -165,7 +165,7 @@ class PiecewiseBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         record = self.record
         record.config_hash = self.config_hash
-        with record.phase("split") as facts:
+        with record.phase("split", "trace") as facts:
             split_gm, pieces = split_graph(gm, list(self.config.splitting_ops or []))
             facts["pieces"] = len(pieces)
         if self.config.debug_dump_path:
@@ -268,7 +268,7 @@ class PiecewiseBackend:
         compiled: list[Callable[..., Any]] = []
 
         def compute() -> bytes:
-            with record.phase(f"compile piece {piece.index} size {size}", graph_key=graph_key) as facts:
+            with record.phase(f"compile piece {piece.index} size {size}", "compile", graph_key=graph_key) as facts:
                 fn, data = compile_fn()
                 facts["bytes"] = len(data)
             record.inductor_compiles += 1
@@ -291,7 +291,7 @@ class PiecewiseBackend:
             digest, data, computed = entry.get_or_compute(graph_key, compute)
             if not computed and time.time() - start > 0.05:
                 # Another process held this graph's lock: we waited for its compile.
-                record.phases.append(Phase(f"wait piece {piece.index} size {size}", start, time.time(),
+                record.phases.append(Phase(f"wait piece {piece.index} size {size}", "wait", start, time.time(),
                                            time.time() - start, {"graph_key": graph_key}))
             self._note_index(piece, size, graph_key, digest, len(data))
             if computed:
@@ -302,7 +302,8 @@ class PiecewiseBackend:
                 return compiled[-1]
             record.cache_hits += 1
             try:
-                with record.phase(f"load piece {piece.index} size {size}", graph_key=graph_key, bytes=len(data)):
+                with record.phase(f"load piece {piece.index} size {size}", "load", graph_key=graph_key,
+                                  bytes=len(data)):
                     fn = load_graph(data, _extract_root())
             except ArtifactError as exc:
                 # Verified bytes that torch cannot load: drop them (unless another rank already
@@ -330,7 +331,6 @@ class PiecewiseBackend:
         if not files:  # torch without traced_code: the files named in the graph's stack traces
             files = _files_in_stack_traces(gm)
         digest, relative = code_hash(files)
-        self.config.traced_files.update(relative)
         self.record.traced_files = sorted(set(self.record.traced_files) | set(relative))
         if self.store is None:
             return None
@@ -343,5 +343,4 @@ class PiecewiseBackend:
         entry = self.store.entry(factors)
         self.record.cache_key = entry.key
         self.record.cache_dir = str(entry.path)
-        self.config.set_local_cache_dir(os.fspath(entry.path))
         return entry

@@ -17,6 +17,9 @@ from typing import Any
 class Phase:
     name: str
     """e.g. "dynamo_trace", "split", "compile piece 2 size sym", "load piece 2 size 8", "capture"."""
+    kind: str
+    """What the time went to: one of kiln.workers.protocol.PhaseKind (setup, build, trace,
+    compile, load, wait, capture, run, other)."""
     start: float
     """Wall-clock seconds since the epoch."""
     end: float
@@ -53,8 +56,8 @@ class CompileRecord:
     """Optional callback (what, done, total) for live progress; not serialized."""
 
     @contextlib.contextmanager
-    def phase(self, name: str, **extra: Any) -> Iterator[dict[str, Any]]:
-        """Time a block as a phase; the yielded dict lets the block add facts."""
+    def phase(self, name: str, kind: str, **extra: Any) -> Iterator[dict[str, Any]]:
+        """Time a block as a phase of `kind`; the yielded dict lets the block add facts."""
         start = time.time()
         t0 = time.perf_counter()
         facts: dict[str, Any] = dict(extra)
@@ -62,7 +65,7 @@ class CompileRecord:
             yield facts
         finally:
             seconds = time.perf_counter() - t0
-            self.phases.append(Phase(name, start, start + seconds, seconds, facts))
+            self.phases.append(Phase(name, kind, start, start + seconds, seconds, facts))
 
     def seconds(self, prefix: str) -> float:
         return sum(p.seconds for p in self.phases if p.name.startswith(prefix))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,8 @@ import sympy
 import torch
 import torch.fx as fx
 import xxhash
+
+from kiln.cache.digest import canonical_json, digest_text
 
 
 def _canonical_code(gm: fx.GraphModule) -> str:
@@ -87,4 +88,4 @@ def structural_hash(gm: fx.GraphModule, example_inputs: Sequence[Any], config_ha
         "constants": _constants_digest(gm),
         "config": config_hash,
     }
-    return xxhash.xxh3_128_hexdigest(json.dumps(payload, sort_keys=True).encode())
+    return digest_text(canonical_json(payload))

@@ -16,12 +16,17 @@ from typing import Any
 
 from kiln.workers.config.modes import CUDAGraphMode
 
+DEFAULT_CAPTURE_SIZES = [1, 2, 4] + list(range(8, 257, 8))
+"""Capture sizes when none are given (35 sizes, as vLLM-style servers use): the one default of
+KilnModel, the driver and `kiln warmup`."""
+
 CAPTURE_SIZES_PLACEHOLDER = "cudagraph_capture_sizes"
 """The compile_sizes entry that stands for every CUDA graph capture size."""
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _CUSTOM_OP_TOGGLE = re.compile(rf"[+-]{_IDENT}")
 _SPLITTING_OP = re.compile(rf"{_IDENT}::{_IDENT}(\.{_IDENT})?")
+_DOTTED_OP = re.compile(rf"{_IDENT}\.{_IDENT}(\.{_IDENT})?")
 
 
 def is_positive_int(value: Any) -> bool:
@@ -59,17 +64,23 @@ def check_custom_ops(value: Any) -> list[str]:
 
 
 def check_splitting_ops(value: Any) -> list[str] | None:
-    """None, or op names "namespace::op" / "namespace::op.overload"."""
+    """None, or op names "namespace::op" / "namespace::op.overload". The dotted spelling
+    "namespace.op" (and "namespace.op.overload") that ported configs use is accepted and
+    normalised to "namespace::op", so both spellings mean, and hash, the same."""
     if value is None:
         return None
     entries = _require_list("splitting_ops", value)
+    normalised = []
     for entry in entries:
+        if isinstance(entry, str) and "::" not in entry and _DOTTED_OP.fullmatch(entry):
+            entry = entry.replace(".", "::", 1)
         if not (isinstance(entry, str) and _SPLITTING_OP.fullmatch(entry)):
             raise ValueError(
-                f"splitting_ops: invalid op name {entry!r}; expected 'namespace::op' or"
-                " 'namespace::op.overload'"
+                f"splitting_ops: invalid op name {entry!r}; expected 'namespace::op',"
+                " 'namespace::op.overload' or 'namespace.op'"
             )
-    return entries
+        normalised.append(entry)
+    return normalised
 
 
 def check_compile_sizes(value: Any) -> list[int | str] | None:
@@ -174,28 +185,34 @@ def check_inductor_passes(value: dict[str, Any]) -> dict[str, Any]:
 def fold_deprecated_flags(
     mode: CUDAGraphMode | None, use_cudagraph: bool | None, full_cuda_graph: bool | None
 ) -> CUDAGraphMode | None:
-    """cudagraph_mode after the deprecated flags: use_cudagraph=False → NONE, full_cuda_graph=True
-    → FULL, each with a DeprecationWarning; either flag beside an explicit mode is an error."""
+    """cudagraph_mode after the deprecated flags the caller gave (None: not given):
+    use_cudagraph=False → NONE, full_cuda_graph=True → FULL, each with a DeprecationWarning.
+    As in the configs kiln's is ported from, only a flag that asks for something (no graphs, full
+    graphs) conflicts with an explicit mode; use_cudagraph=True or full_cuda_graph=False beside
+    one is accepted (and warned about) and changes nothing."""
     flags = {"use_cudagraph": use_cudagraph, "full_cuda_graph": full_cuda_graph}
     given = [name for name, value in flags.items() if value is not None]
     if not given:
         return mode
-    if mode is not None:
-        settings = ", ".join(f"{name}={flags[name]}" for name in given)
-        raise ValueError(
-            f"{' and '.join(given)} (deprecated) and cudagraph_mode are mutually exclusive; set"
-            f" only cudagraph_mode (got cudagraph_mode={mode.name}, {settings})"
-        )
     if use_cudagraph is False and full_cuda_graph is True:
         raise ValueError(
             "use_cudagraph=False and full_cuda_graph=True contradict each other (no CUDA graphs"
             " vs full CUDA graphs); set cudagraph_mode instead"
+        )
+    asking = [name for name in given if (name, flags[name]) in (("use_cudagraph", False), ("full_cuda_graph", True))]
+    if mode is not None and asking:
+        settings = ", ".join(f"{name}={flags[name]}" for name in asking)
+        raise ValueError(
+            f"{' and '.join(asking)} (deprecated) and cudagraph_mode are mutually exclusive; set"
+            f" only cudagraph_mode (got cudagraph_mode={mode.name}, {settings})"
         )
     for name in given:
         # stacklevel is moot inside pydantic's validation; the message says what to change.
         warnings.warn(
             f"{name} is deprecated; set cudagraph_mode instead", DeprecationWarning, stacklevel=2
         )
+    if mode is not None:
+        return mode
     if use_cudagraph is False:
         return CUDAGraphMode.NONE
     if full_cuda_graph is True:

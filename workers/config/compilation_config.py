@@ -69,9 +69,10 @@ class CompilationConfig(BaseModel):
     Build it from keyword arguments, `from_json`, `from_cli` or `with_overrides`; every invalid
     value raises a ValueError (pydantic's ValidationError is one) naming the field and the value.
     After validation `cudagraph_mode` and `splitting_ops` hold their resolved values and the
-    deprecated flags are folded into `cudagraph_mode` (and reset to None), so a dump loads back
-    unchanged. Runtime state (capture-size tables, counters, timings) lives in private
-    attributes: never dumped, never hashed.
+    deprecated flags are folded into `cudagraph_mode` (and left out of dumps), so a dump loads back
+    unchanged. The config is a value: what the user chose and what follows from it (resolved
+    splitting ops, capture sizes, the padding table); runtime state (timings, the rank's cache
+    directory, traced files, custom-op counts) lives in the objects that own it.
     """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -113,9 +114,10 @@ class CompilationConfig(BaseModel):
     """CUDA graph capture mode, a name in any case. None resolves to FULL_AND_PIECEWISE at
     level 3 and NONE otherwise. Modes with a PIECEWISE part need level 3."""
 
-    use_cudagraph: bool | None = None
+    use_cudagraph: bool = Field(default=True, exclude=True)
     """Deprecated, use `cudagraph_mode`: False means cudagraph_mode NONE. Folded into
-    cudagraph_mode (and reset to None) when the config is built."""
+    cudagraph_mode when the config is built; kept as given (so code that reads it sees what the
+    user said) but never dumped, since cudagraph_mode carries its meaning."""
 
     cudagraph_num_of_warmups: int = Field(default=1, ge=0)
     """Eager warm-up runs per size before its CUDA graph is captured."""
@@ -127,9 +129,9 @@ class CompilationConfig(BaseModel):
     cudagraph_copy_inputs: bool = False
     """Copy inputs into the graph's static buffers (instead of the caller keeping them there)."""
 
-    full_cuda_graph: bool | None = None
+    full_cuda_graph: bool = Field(default=False, exclude=True)
     """Deprecated, use `cudagraph_mode`: True means cudagraph_mode FULL. Folded into
-    cudagraph_mode (and reset to None) when the config is built."""
+    cudagraph_mode when the config is built; kept as given, never dumped."""
 
     pass_config: PassConfig = PassConfig()
     """Switches for kiln's own post-grad passes."""
@@ -141,18 +143,14 @@ class CompilationConfig(BaseModel):
     """Directory for debug dumps, "" for none: at level 3 each rank writes the traced graph,
     the split graph and every piece's code to `<path>/rank_<r>/` (never part of the hash)."""
 
-    # Runtime state, not config (set in model_post_init, then by init_with_cudagraph_sizes and
-    # the backend). Plain assignments there rather than PrivateAttr(default_factory=...), which
-    # pydantic 2.13 re-inspects on every instance: building a config took ~20x longer.
+    # What follows from the fields, derived once (in model_post_init, then by _resolve and
+    # init_with_cudagraph_sizes); never dumped, never hashed on their own. Plain assignments
+    # rather than PrivateAttr(default_factory=...), which pydantic 2.13 re-inspects on every
+    # instance: building a config took ~20x longer.
     _given: dict[str, Any]
     _resolved_passes: dict[str, Any]
     _max_capture_size: int
     _bs_to_padded_graph_size: list[int]
-    _local_cache_dir: str
-    _enabled_custom_ops: collections.Counter[str]
-    _disabled_custom_ops: collections.Counter[str]
-    _traced_files: set[str]
-    _compilation_time: float
 
     def model_post_init(self, context: Any, /) -> None:
         # Runs after field validation and before the mode="after" validators (and also for
@@ -161,11 +159,6 @@ class CompilationConfig(BaseModel):
         self._resolved_passes = {}
         self._max_capture_size = 0
         self._bs_to_padded_graph_size = []
-        self._local_cache_dir = ""
-        self._enabled_custom_ops = collections.Counter()
-        self._disabled_custom_ops = collections.Counter()
-        self._traced_files = set()
-        self._compilation_time = 0.0
 
     # -----------------------------------------------------------------------------------------
     # Field validation
@@ -217,53 +210,51 @@ class CompilationConfig(BaseModel):
         # What the caller gave, before resolution: with_overrides starts from this, so that
         # overriding `level` re-derives the defaults instead of keeping those of the old level.
         self._given = self.model_dump(include=set(self.model_fields_set))
+        # (The deprecated flags are excluded from dumps; what the caller gave still counts.)
+        self._given.update({name: getattr(self, name) for name in ("use_cudagraph", "full_cuda_graph")
+                            if name in self.model_fields_set})
+        self._resolved_passes = resolve_passes(self.inductor_passes, self.inductor_compile_config)
+        self.set_splitting_ops_for_piecewise()
+        self._resolve_cudagraph_mode()
+        return self
+
+    def _resolve_cudagraph_mode(self) -> None:
+        """The one place cudagraph_mode is decided: the deprecated flags, the level's default,
+        piecewise graphs only at level 3, and FULL where level 3 has nothing to split. (Without
+        CUDA the runtime runs NONE and says so; that is a fact of the device, not of the config.)"""
         explicit_mode = self.cudagraph_mode is not None
-        self.cudagraph_mode = fold_deprecated_flags(
-            self.cudagraph_mode, self.use_cudagraph, self.full_cuda_graph
+        given = self.model_fields_set
+        mode = fold_deprecated_flags(
+            self.cudagraph_mode,
+            self.use_cudagraph if "use_cudagraph" in given else None,
+            self.full_cuda_graph if "full_cuda_graph" in given else None,
         )
-        # Folded into cudagraph_mode: keeping them would make a dump conflict with itself.
-        self.use_cudagraph = self.full_cuda_graph = None
-        if self.cudagraph_mode is None:
-            piecewise = self.level == CompilationLevel.PIECEWISE
-            self.cudagraph_mode = (
-                CUDAGraphMode.FULL_AND_PIECEWISE if piecewise else CUDAGraphMode.NONE
-            )
-        elif (
-            explicit_mode
-            and self.level != CompilationLevel.PIECEWISE
-            and self.cudagraph_mode.requires_piecewise_compilation()
-        ):
+        piecewise_level = self.level == CompilationLevel.PIECEWISE
+        if mode is None:
+            mode = CUDAGraphMode.FULL_AND_PIECEWISE if piecewise_level else CUDAGraphMode.NONE
+        elif explicit_mode and not piecewise_level and mode.requires_piecewise_compilation():
             raise ValueError(
-                f"cudagraph_mode: {self.cudagraph_mode.name} has piecewise CUDA graphs, which need"
+                f"cudagraph_mode: {mode.name} has piecewise CUDA graphs, which need"
                 f" level=3 (PIECEWISE), got level={int(self.level)} ({self.level.name});"
                 " use cudagraph_mode NONE or FULL"
             )
-        self._resolved_passes = resolve_passes(self.inductor_passes, self.inductor_compile_config)
-        self.set_splitting_ops_for_piecewise()
-        return self
-
-    def set_splitting_ops_for_piecewise(self) -> None:
-        """Resolve `splitting_ops` for the level; downgrade piecewise graphs with nothing to split.
-
-        Level 3: None becomes DEFAULT_SPLITTING_OPS; an empty list leaves one piece (the whole
-        graph), so a mode needing piecewise graphs becomes FULL, with a warning. Other levels:
-        None becomes [], anything else is kept.
-        """
-        if self.level != CompilationLevel.PIECEWISE:
-            if self.splitting_ops is None:
-                self.splitting_ops = []
-            return
-        if self.splitting_ops is None:
-            self.splitting_ops = list(DEFAULT_SPLITTING_OPS)
-        mode = self.cudagraph_mode
-        if not self.splitting_ops and mode is not None and mode.requires_piecewise_compilation():
+        if piecewise_level and not self.splitting_ops and mode.requires_piecewise_compilation():
             warnings.warn(
                 f"cudagraph_mode {mode.name} needs piecewise graphs, but splitting_ops is empty,"
                 " so the graph is never split; using cudagraph_mode FULL instead",
                 UserWarning,
                 stacklevel=2,
             )
-            self.cudagraph_mode = CUDAGraphMode.FULL
+            mode = CUDAGraphMode.FULL
+        self.cudagraph_mode = mode
+
+    def set_splitting_ops_for_piecewise(self) -> None:
+        """Resolve `splitting_ops` for the level: at level 3 None becomes DEFAULT_SPLITTING_OPS
+        (an empty list leaves one piece, the whole graph, and cudagraph_mode then turns a mode
+        that needs piecewise graphs into FULL); at other levels None becomes []."""
+        if self.splitting_ops is None:
+            piecewise_level = self.level == CompilationLevel.PIECEWISE
+            self.splitting_ops = list(DEFAULT_SPLITTING_OPS) if piecewise_level else []
 
     # -----------------------------------------------------------------------------------------
     # Custom ops
@@ -286,20 +277,6 @@ class CompilationConfig(BaseModel):
         if "none" in self.custom_ops:
             return False
         return not self.uses_inductor()
-
-    def record_custom_op(self, name: str, enabled: bool) -> None:
-        """Count one instantiation of custom op `name` on its enabled or disabled path."""
-        (self._enabled_custom_ops if enabled else self._disabled_custom_ops)[name] += 1
-
-    @property
-    def enabled_custom_ops(self) -> collections.Counter[str]:
-        """Custom op name → instances built on the custom path (mutable)."""
-        return self._enabled_custom_ops
-
-    @property
-    def disabled_custom_ops(self) -> collections.Counter[str]:
-        """Custom op name → instances built on the native path (mutable)."""
-        return self._disabled_custom_ops
 
     # -----------------------------------------------------------------------------------------
     # Sizes
@@ -342,32 +319,7 @@ class CompilationConfig(BaseModel):
         return self._bs_to_padded_graph_size
 
     # -----------------------------------------------------------------------------------------
-    # Runtime state recorded by the backend
-
-    @property
-    def local_cache_dir(self) -> str:
-        """This rank's cache directory, chosen by the backend; "" until then."""
-        return self._local_cache_dir
-
-    def set_local_cache_dir(self, path: str | os.PathLike[str]) -> None:
-        """Record this rank's cache directory."""
-        self._local_cache_dir = os.fspath(path)
-
-    @property
-    def traced_files(self) -> set[str]:
-        """Source files Dynamo traced (mutable; they feed the code hash)."""
-        return self._traced_files
-
-    @property
-    def compilation_time(self) -> float:
-        """Seconds spent compiling so far."""
-        return self._compilation_time
-
-    def add_compilation_time(self, seconds: float) -> None:
-        """Add `seconds` (>= 0) to compilation_time."""
-        if seconds < 0:
-            raise ValueError(f"compilation time must be >= 0 seconds, got {seconds!r}")
-        self._compilation_time += seconds
+    # Derived
 
     @property
     def resolved_passes(self) -> dict[str, Any]:
@@ -434,12 +386,13 @@ class CompilationConfig(BaseModel):
         return type(self).model_validate(data)
 
     def __eq__(self, other: object) -> bool:
-        # Config fields only (runtime counters and timings are not config), and passes by what
-        # they resolve to: a callable equals its qualified name after a JSON round trip.
+        # Config fields, and passes by what they resolve to: a callable equals its qualified name after a JSON round trip.
         if type(other) is not type(self):
             return NotImplemented
         assert isinstance(other, CompilationConfig)
-        fields = (name for name in type(self).model_fields if name != "inductor_passes")
+        # The deprecated flags are folded into cudagraph_mode (and not dumped): compare that.
+        skip = {"inductor_passes", "use_cudagraph", "full_cuda_graph"}
+        fields = (name for name in type(self).model_fields if name not in skip)
         return all(getattr(self, f) == getattr(other, f) for f in fields) and (
             self._resolved_passes == other._resolved_passes
         )

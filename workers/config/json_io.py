@@ -14,28 +14,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import xxhash
 from pydantic import BaseModel, ValidationError
+
+# kiln's one canonical JSON and hash, re-exported for the config modules.
+from kiln.cache.digest import canonical_json, digest_text as hash_text  # noqa: F401
 
 
 class ConfigError(ValueError):
     """A config file, JSON text or override that cannot be read (as opposed to an invalid value)."""
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON spelling of `value`: sorted keys, no whitespace, ASCII, no NaN.
-
-    Hashes are taken over this text so that they do not depend on dict order, PYTHONHASHSEED
-    or the platform.
-    """
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
-
-
-def hash_text(text: str) -> str:
-    """xxh3-128 hex digest of `text` (UTF-8): kiln's one hash function for keys."""
-    return xxhash.xxh3_128_hexdigest(text.encode("utf-8"))
 
 
 def close_matches_hint(word: str, candidates: Iterable[str]) -> str:

@@ -5,10 +5,10 @@ Importing this package registers kiln's torch ops (`kiln::attention`, `kiln::all
 """
 
 from kiln.workers.layers.activation import SiluAndMul
-from kiln.workers.layers.attention import attention
+from kiln.workers.layers import attention  # noqa: F401  (the module: registers kiln::attention)
 from kiln.workers.layers.collectives import all_reduce
 from kiln.workers.layers.custom_op import CustomOp, building_with
 from kiln.workers.layers.norm import RMSNorm
 from kiln.workers.layers.rotary import RotaryEmbedding
 
-__all__ = ["CustomOp", "RMSNorm", "RotaryEmbedding", "SiluAndMul", "all_reduce", "attention", "building_with"]
+__all__ = ["CustomOp", "RMSNorm", "RotaryEmbedding", "SiluAndMul", "all_reduce", "building_with"]

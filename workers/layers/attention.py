@@ -10,13 +10,16 @@ sequence slot it belongs to and its position in that sequence:
 The op first writes every token's k/v at (seq_ids[i], positions[i]), then lets token i attend
 to the cached keys of its own sequence at positions 0..positions[i]. Shapes depend only on N,
 and nothing synchronises with the host, so the op can be captured in a CUDA graph. It is
-kiln's default splitting op: piecewise graphs stop before it and resume after it.
+kiln's default splitting op: piecewise graphs stop before it and resume after it. On CUDA the
+attention itself is a Triton kernel that reads the cache in place (attention_triton.py); the
+torch code below is the reference, and the path on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kiln.workers.layers.attention_triton import triton_attention_supported, triton_prefix_attention
 from kiln.workers.layers.custom_op import register_eager_impl
 
 
@@ -34,6 +37,9 @@ def attention_impl(
     hkv = k.shape[1]
     k_cache[seq_ids, positions] = k
     v_cache[seq_ids, positions] = v
+    if triton_attention_supported(q, k_cache):
+        # CUDA: read each token's own prefix of the cache in place (attention_triton.py).
+        return triton_prefix_attention(q, k_cache, v_cache, seq_ids, positions, scale)
     keys = k_cache[seq_ids].transpose(1, 2)  # [N, Hkv, L, D]
     values = v_cache[seq_ids].transpose(1, 2)  # [N, Hkv, L, D]
     visible = _cache_positions(keys.shape[2], q.device) <= positions[:, None]  # [N, L]

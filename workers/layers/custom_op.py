@@ -7,9 +7,11 @@ from the `CompilationConfig` active at that time (`building_with(config)`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -39,22 +41,46 @@ def eager_impl(target: object) -> Callable[..., torch.Tensor] | None:
 # ---------------------------------------------------------------------------------------------
 # The config active while a model is built
 
+@dataclass
+class CustomOpCounts:
+    """How many layers of each custom op a model build put on each path (for the report)."""
+
+    enabled: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Custom op name → instances built on the custom path (its own opaque kernel)."""
+    disabled: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Custom op name → instances built on the native path (torch code Inductor fuses)."""
+
+    def record(self, name: str, enabled: bool) -> None:
+        (self.enabled if enabled else self.disabled)[name] += 1
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {"enabled": dict(self.enabled), "disabled": dict(self.disabled)}
+
+
+@dataclass
+class _Build:
+    config: CompilationConfig | None
+    counts: CustomOpCounts
+
+
 _BUILD = threading.local()
 
 
 @contextlib.contextmanager
-def building_with(config: CompilationConfig | None) -> Iterator[None]:
-    """Make `config` decide custom-op paths for the layers built inside this block."""
-    previous = getattr(_BUILD, "config", None)
-    _BUILD.config = config
+def building_with(config: CompilationConfig | None) -> Iterator[CustomOpCounts]:
+    """Make `config` decide custom-op paths for the layers built inside this block; yields the
+    counts of what was built on which path."""
+    previous = getattr(_BUILD, "current", None)
+    _BUILD.current = _Build(config, CustomOpCounts())
     try:
-        yield
+        yield _BUILD.current.counts
     finally:
-        _BUILD.config = previous
+        _BUILD.current = previous
 
 
 def current_build_config() -> CompilationConfig | None:
-    return getattr(_BUILD, "config", None)
+    build = getattr(_BUILD, "current", None)
+    return build.config if build is not None else None
 
 
 class CustomOp(nn.Module):
@@ -76,10 +102,11 @@ class CustomOp(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        config = current_build_config()
+        build = getattr(_BUILD, "current", None)
+        config = build.config if build is not None else None
         self.use_custom = True if config is None else config.custom_op_enabled(self.op_name)
-        if config is not None:
-            config.record_custom_op(self.op_name, self.use_custom)
+        if build is not None:
+            build.counts.record(self.op_name, self.use_custom)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self.use_custom:

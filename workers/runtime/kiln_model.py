@@ -31,13 +31,12 @@ from typing import Any
 import torch
 
 from kiln.workers.config.modes import CompilationLevel, CUDAGraphMode
-from kiln.workers.config import CompilationConfig
+from kiln.workers.config import DEFAULT_CAPTURE_SIZES, CompilationConfig
 from kiln.workers.runtime.cudagraphs import GraphPool, PiecewiseGraphs, fast_capture, graph_runtime
-from kiln.workers.compilation.record import CompileRecord
+from kiln.workers.compilation.record import CompileRecord, Phase
 
 log = logging.getLogger("kiln.runner")
 
-DEFAULT_CAPTURE_SIZES = [1, 2, 4] + list(range(8, 257, 8))
 CUDAGRAPHS_UNAVAILABLE = "cudagraphs: unavailable (no CUDA)"
 _warned_no_cuda = False
 
@@ -109,18 +108,18 @@ class KilnModel:
             self.model, config, store=self.store, rank=self.rank, record=record)
         # Trace with a batch of at least 2: Dynamo specializes sizes 0 and 1.
         trace_size = max(2, config.max_capture_size)
-        t0, t0_mono = time.time(), time.perf_counter()
+        t0 = time.time()
         with torch.no_grad():
             self.forward_fn(*self.dummy_inputs(trace_size))
         times = getattr(self.forward_fn, "times", None)
         if times is not None and times.backend_start:
-            record.phases.insert(0, _phase("dynamo_trace", times.dynamo_start, times.backend_start))
+            record.phases.insert(0, _phase("dynamo_trace", "trace", times.dynamo_start, times.backend_start))
             if self.backend is None:  # level 2: the backend is one opaque compile
-                record.phases.append(_phase("compile", times.backend_start, times.backend_end))
-            record.phases.append(_phase("first_run", times.backend_end, time.time()))
+                record.phases.append(_phase("compile", "compile", times.backend_start, times.backend_end))
+            record.phases.append(_phase("first_run", "run", times.backend_end, time.time()))
         else:
-            record.phases.append(_phase("compile" if config.level else "eager_run", t0, time.time()))
-        config.add_compilation_time(time.perf_counter() - t0_mono)
+            record.phases.append(_phase("compile", "compile", t0, time.time()) if config.level
+                                 else _phase("eager_run", "run", t0, time.time()))
         if self.mode != CUDAGraphMode.NONE:
             self._capture()
         return record
@@ -136,7 +135,7 @@ class KilnModel:
             for runner in self.backend.runners:
                 if not runner.is_splitting:
                     PiecewiseGraphs(runner, self.pool)
-        with record.phase("capture") as facts, torch.no_grad(), fast_capture():
+        with record.phase("capture", "capture") as facts, torch.no_grad(), fast_capture():
             free_before = torch.cuda.mem_get_info()[0]
             for size in sizes:
                 inputs = [b[:size] for b in self._buffers]
@@ -240,7 +239,5 @@ def _rows(out: Any, n: int) -> Any:
     return out
 
 
-def _phase(name: str, start: float, end: float):
-    from kiln.workers.compilation.record import Phase
-
-    return Phase(name, start, end, max(0.0, end - start))
+def _phase(name: str, kind: str, start: float, end: float) -> Phase:
+    return Phase(name, kind, start, end, max(0.0, end - start))
