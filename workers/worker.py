@@ -145,10 +145,13 @@ class KilnWorker:
         self.dist_backend = backend
         self.device = device
 
-        with self.record.phase("build_model"):
+        with self.record.phase("build_model") as facts:
             self.phase = "build_model"
             with building_with(config):
                 self.model = build_model(p["model"], p.get("model_kwargs") or {}, tuple(p.get("search_dirs", ())))
+            if hasattr(self.model, "loaded_bytes"):  # a checkpoint model: what this rank read, how fast
+                facts["bytes"] = self.model.loaded_bytes
+                facts["gb_per_s"] = self.model.loaded_bytes / 1e9 / max(self.model.load_seconds, 1e-9)
 
         self.phase = "open_cache"
         root = p.get("cache_root")
