@@ -74,6 +74,9 @@ def _write_outputs(report: RunReport, report_path: str | None, trace_path: str |
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (repeatable).")
 @click.option("--model-arg", "model_kwargs", multiple=True, callback=_parse_kwargs, metavar="NAME=VALUE",
               help="Keyword argument for the model factory (repeatable), e.g. layers=4.")
+@click.option("--load-format", type=click.Choice(["auto", "dummy"]), default=None,
+              help="Checkpoint directories: read the weights (auto) or draw random ones from config.json alone "
+                   "(dummy; compiled artifacts do not depend on weight values). Same as --model-arg load_format=….")
 @click.option("--cache-root", type=click.Path(file_okay=False), help="Cache root ($KILN_CACHE_ROOT or ~/.cache/kiln).")
 @click.option("--address", default=None, help="Ray cluster to attach to ('auto' or host:port); default: embedded.")
 @click.option("--placement", type=click.Choice(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]),
@@ -85,18 +88,23 @@ def _write_outputs(report: RunReport, report_path: str | None, trace_path: str |
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON run report here.")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Write a Perfetto/Chrome trace here.")
 @click.option("--quiet", is_flag=True, help="No live progress.")
-def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, cache_root, address,
+def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, load_format, cache_root, address,
                    placement, device, num_cpus, retries, report_path, trace_path, quiet) -> None:
-    """Compile MODEL ('pkg.module:factory' or 'path/file.py:factory') on every rank into the cache."""
+    """Compile MODEL ('pkg.module:factory', 'path/file.py:factory' or a checkpoint directory) on
+    every rank into the cache."""
     from kiln.workers.models.spec import ModelSpecError, parse_model_spec
 
     _check_outputs(report_path, trace_path)
 
     try:
-        parse_model_spec(model)
+        _, factory = parse_model_spec(model)
     except ModelSpecError as exc:
         raise click.BadParameter(str(exc), param_hint="MODEL") from None
     config = _resolve(config_file, overrides)
+    if load_format is not None:
+        if factory:  # "" for a checkpoint directory
+            raise click.BadParameter("only for a checkpoint directory MODEL", param_hint="--load-format")
+        model_kwargs = {**model_kwargs, "load_format": load_format}
 
     from kiln.orchestrator.driver import Orchestrator, WarmupError
 

@@ -162,10 +162,13 @@ class KilnWorker:
         from kiln.workers.models.spec import build_model
 
         p = self.payload
-        with self.record.phase("build_model", "build"):
+        with self.record.phase("build_model", "build") as facts:
             self.phase = "build_model"
             with building_with(self.config) as counts:
                 self.model = build_model(p.model, p.model_kwargs, tuple(p.search_dirs))
+            if hasattr(self.model, "loaded_bytes"):  # a checkpoint model: what this rank read, how fast
+                facts["bytes"] = self.model.loaded_bytes
+                facts["gb_per_s"] = self.model.loaded_bytes / 1e9 / max(self.model.load_seconds, 1e-9)
         self.custom_op_counts = counts
 
         self.phase = "open_cache"

@@ -1,6 +1,7 @@
-"""Model specs: `"package.module:factory"` or `"path/to/file.py:factory"`, plus kwargs.
+"""Model specs: `"package.module:factory"`, `"path/to/file.py:factory"` or a checkpoint
+directory (`config.json` + `*.safetensors`: kiln's zoo, see loader.py), plus kwargs.
 
-A file path is resolved against the current directory (on a cluster: the job's working
+A file path or directory is resolved against the current directory (on a cluster: the job's working
 directory, which `ray job submit --working-dir` ships to every node); the file is imported as a
 module named after its path so that tracebacks and traced-file names read naturally.
 """
@@ -22,16 +23,45 @@ class ModelSpecError(ValueError):
     """A model spec that cannot be parsed, found or called."""
 
 
+def checkpoint_dir(spec: str, search_dirs: tuple[str, ...] = ()) -> str | None:
+    """The directory `spec` names (resolved like a file spec), or None when it names none."""
+    if not isinstance(spec, str) or not spec.strip():
+        return None
+    candidates = [spec] if os.path.isabs(spec) else [os.path.join(d, spec) for d in (os.getcwd(), *search_dirs)]
+    return next((c for c in candidates if os.path.isdir(c)), None)
+
+
 def parse_model_spec(spec: str) -> tuple[str, str]:
+    """(module or file, factory) of a spec; (directory, "") for a checkpoint directory, whose
+    config.json is read and checked here (architecture, required keys) so that a bad one fails
+    before any worker starts."""
+    directory = checkpoint_dir(spec)
+    if directory is not None:
+        from kiln.workers.models.hf_config import ConfigError, read_hf_config
+
+        try:
+            read_hf_config(directory)
+        except ConfigError as exc:
+            raise ModelSpecError(f"model spec {spec!r}: {exc}") from None
+        return directory, ""
     match = _SPEC.match(spec.strip()) if isinstance(spec, str) else None
     if match is None:
         raise ModelSpecError(
-            f"model spec {spec!r}: expected 'package.module:factory' or 'path/to/file.py:factory'")
+            f"model spec {spec!r}: expected 'package.module:factory', 'path/to/file.py:factory' or a "
+            "checkpoint directory (config.json + *.safetensors)")
     return match["target"], match["attr"]
 
 
 def load_factory(spec: str, search_dirs: tuple[str, ...] = ()) -> Callable[..., Any]:
-    """The factory callable named by `spec` (imports its module)."""
+    """The factory callable named by `spec` (imports its module; for a checkpoint directory, the
+    zoo's builder bound to that directory)."""
+    directory = checkpoint_dir(spec, search_dirs)
+    if directory is not None:
+        import functools
+
+        from kiln.workers.models.loader import build
+
+        return functools.partial(build, directory)
     target, attr = parse_model_spec(spec)
     if target.endswith(".py") or os.sep in target or "/" in target:
         module = _import_file(target, search_dirs)
