@@ -98,6 +98,17 @@ def run_kiln(args, out: dict) -> None:
             ms = median_ms(lambda: kiln(ids, pos, seqs, decode=True), steps=args.steps)
             rows.append({"batch": b, "kiln_ms": ms})
     out["kiln"] = rows
+    if args.profile:
+        # Where a batch-1 step's GPU time goes: kernels of the replayed graph, by total time.
+        ids, pos, seqs = (torch.zeros(1, dtype=torch.long, device="cuda"), torch.full((1,), args.context, device="cuda"),
+                          torch.zeros(1, dtype=torch.long, device="cuda"))
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                kiln(ids, pos, seqs, decode=True)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+        print(table, flush=True)
+        out["profile_b1"] = table
     del kiln, model
     gc.collect()
     torch.cuda.empty_cache()
@@ -229,6 +240,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--hf-tokens", type=int, nargs=2, default=(8, 40), metavar=("SHORT", "LONG"))
     parser.add_argument("--no-warmup-cli", action="store_true")
+    parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="profile kiln's batch-1 step (kernel table)")
     args = parser.parse_args()
     if args.combine:
         combine(args.combine)
@@ -241,7 +254,8 @@ def main() -> None:
                  "weight_gb": weight_bytes(LLAMA_31_8B) / 1e9}
     if args.part == "kiln":
         run_kiln(args, out)
-        run_floor(args, out)
+        if not args.no_floor:
+            run_floor(args, out)
         if not args.no_warmup_cli:
             run_warmup_cli(args, out)
     else:

@@ -49,6 +49,9 @@ def test_triton_path_matches_reference_for_prefill_decode_and_mixed(dtype, hq, h
         want = _reference(q, k, v, k_cache, v_cache, seq_ids, positions, d**-0.5)
         got = torch.ops.kiln.attention(q, k, v, k_cache, v_cache, seq_ids, positions, d**-0.5)
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+        # The new k/v landed where they belong.
+        torch.testing.assert_close(k_cache[seq_ids, positions], k)
+        torch.testing.assert_close(v_cache[seq_ids, positions], v)
 
 
 def test_triton_path_is_capturable_in_a_cuda_graph():

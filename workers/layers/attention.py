@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.workers.layers.attention_triton import triton_attention_supported, triton_prefix_attention
+from kiln.workers.layers.attention_triton import triton_attention_supported, triton_prefix_attention, triton_write_kv
 from kiln.workers.layers.custom_op import register_eager_impl
 
 
@@ -35,11 +35,13 @@ def attention_impl(
 ) -> torch.Tensor:
     n, hq, d = q.shape
     hkv = k.shape[1]
+    if triton_attention_supported(q, k_cache) and k.stride(-1) == 1 and v.stride(-1) == 1:
+        # CUDA: write the new k/v in one launch, then read each token's own prefix of the cache
+        # in place (attention_triton.py). Same stream: the write lands before the read.
+        triton_write_kv(k, v, k_cache, v_cache, seq_ids, positions)
+        return triton_prefix_attention(q, k_cache, v_cache, seq_ids, positions, scale)
     k_cache[seq_ids, positions] = k
     v_cache[seq_ids, positions] = v
-    if triton_attention_supported(q, k_cache):
-        # CUDA: read each token's own prefix of the cache in place (attention_triton.py).
-        return triton_prefix_attention(q, k_cache, v_cache, seq_ids, positions, scale)
     keys = k_cache[seq_ids].transpose(1, 2)  # [N, Hkv, L, D]
     values = v_cache[seq_ids].transpose(1, 2)  # [N, Hkv, L, D]
     visible = _cache_positions(keys.shape[2], q.device) <= positions[:, None]  # [N, L]

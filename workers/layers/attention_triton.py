@@ -80,6 +80,46 @@ if triton is not None:
         tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _write_kv_kernel(
+        k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, seq_ptr, pos_ptr,
+        stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_ks, stride_kp, stride_kh_cache, stride_vs, stride_vp, stride_vh_cache,
+        HEAD_DIM: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        slot = tl.load(seq_ptr + token)
+        position = tl.load(pos_ptr + token)
+        dims = tl.arange(0, HEAD_DIM)
+        k = tl.load(k_ptr + token * stride_kn + head * stride_kh + dims)
+        v = tl.load(v_ptr + token * stride_vn + head * stride_vh + dims)
+        tl.store(k_cache_ptr + slot * stride_ks + position * stride_kp + head * stride_kh_cache + dims, k)
+        tl.store(v_cache_ptr + slot * stride_vs + position * stride_vp + head * stride_vh_cache + dims, v)
+
+
+def triton_write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    seq_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """k_cache[seq_ids, positions] = k and the same for v, in one launch (two index_put kernels
+    otherwise: measured 7 µs a layer on an H200). Where two tokens name the same (slot,
+    position), which one lands is unspecified, as with index_put (only padding rows do that)."""
+    assert triton is not None, "Triton is not installed"
+    n, hkv, d = k.shape
+    assert v.shape == k.shape and k_cache.shape[2:] == (hkv, d), (k.shape, k_cache.shape)
+    if n == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1, "k and v need a contiguous last dimension"
+    _write_kv_kernel[(n, hkv)](
+        k, v, k_cache, v_cache, seq_ids, positions,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HEAD_DIM=d, num_warps=1,
+    )
+
+
 def triton_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             seq_ids: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of each token over its sequence's cache positions 0..position (the
