@@ -166,9 +166,10 @@ class KilnWorker:
             self.phase = "build_model"
             with building_with(self.config) as counts:
                 self.model = build_model(p.model, p.model_kwargs, tuple(p.search_dirs))
-            if hasattr(self.model, "loaded_bytes"):  # a checkpoint model: what this rank read, how fast
-                facts["bytes"] = self.model.loaded_bytes
-                facts["gb_per_s"] = self.model.loaded_bytes / 1e9 / max(self.model.load_seconds, 1e-9)
+            loaded = getattr(self.model, "loaded_bytes", None)
+            if loaded is not None:  # a checkpoint model: what this rank read, and how fast
+                facts["bytes"] = loaded
+                facts["gb_per_s"] = loaded / 1e9 / max(getattr(self.model, "load_seconds", 0.0), 1e-9)
         self.custom_op_counts = counts
 
         self.phase = "open_cache"

@@ -189,3 +189,13 @@ def test_vocab_partition_pads_to_a_multiple_of_tp():
     tiny = [VocabPartition(5, 4, r) for r in range(4)]  # the last rank holds padding only
     assert [p.real for p in tiny] == [2, 2, 1, 0]
     assert tiny[3].weight_slice("embed", 8).length == 0
+
+
+def test_load_format_option_is_for_checkpoint_directories(tmp_path):
+    from click.testing import CliRunner
+
+    from kiln.orchestrator.cli import main
+
+    result = CliRunner().invoke(main, ["warmup", "examples/toy_llama.py:build", "--load-format", "dummy",
+                                       "--cache-root", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "--load-format" in result.output and "checkpoint directory" in result.output
