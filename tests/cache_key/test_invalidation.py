@@ -78,7 +78,8 @@ def child_factors(world) -> dict[str, dict]:
     spec = json.dumps({"files": [str(model)]})
     changes = {"baseline": {}} | {row.name: row.env for row in R.IN_CHILD}
     procs = {name: subprocess.Popen([sys.executable, str(CHILD), spec], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, env=child_env(tmp, source_root, env))
+                                    stderr=subprocess.PIPE, text=True, env=child_env(tmp, source_root, env),
+                                    cwd=tmp)  # TORCH_COMPILE_DEBUG writes into the working directory
              for name, env in changes.items()}
     out = {}
     for name, proc in procs.items():
