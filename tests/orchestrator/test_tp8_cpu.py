@@ -9,7 +9,8 @@ from kiln import CompilationConfig, Orchestrator
 from tests.orchestrator.conftest import TINY
 from tests.simulated_cluster import simulated_cluster
 
-pytestmark = pytest.mark.slow
+# Eight ranks and three warm-ups on 2 cores: more than the suite's default per-test timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
