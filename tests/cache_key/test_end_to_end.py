@@ -74,16 +74,25 @@ def moved_root(root):
     return copy
 
 
-# Inputs that must not enter the key: (name, how the compile is changed).
+def other_process_environment(root, mp):
+    mp.setenv("HOME", str(root.parent / "home"))
+    mp.setenv("HOSTNAME", "elsewhere")
+    mp.setenv("MASTER_PORT", "29533")
+    return compile_tiny(root)
+
+
+def other_tensor_parallel_rank(root, mp):
+    mp.setattr(parallel_state, "_STATE", parallel_state.TPState(2, 1))
+    return compile_tiny(root)
+
+
+# Inputs that must not enter the key: name -> the changed compile.
 SAME_KEY = {
     "rank 1 (its own index in the entry)": lambda root, mp: compile_tiny(root, rank=1),
     "capture sizes": lambda root, mp: compile_tiny(root, cudagraph_capture_sizes=[1, 2, 8]),
     "cache root moved": lambda root, mp: compile_tiny(moved_root(root)),
-    "HOME, hostname, port": lambda root, mp: (
-        mp.setenv("HOME", str(root.parent / "home")), mp.setenv("HOSTNAME", "elsewhere"),
-        mp.setenv("MASTER_PORT", "29533"), compile_tiny(root))[-1],
-    "tensor-parallel state rank 1 of 2": lambda root, mp: (
-        mp.setattr(parallel_state, "_STATE", parallel_state.TPState(2, 1)), compile_tiny(root))[-1],
+    "HOME, hostname, port": other_process_environment,
+    "tensor-parallel state rank 1 of 2": other_tensor_parallel_rank,
 }
 
 
