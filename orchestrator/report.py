@@ -286,6 +286,15 @@ class RunReport:
             events += _phase_events(pid, tid, r["phases"], origin)
             if r.get("error"):
                 events.append(_error_event(pid, tid, r, origin))
+        # Failures no rank report carries (a rank that died, or failed before it could report):
+        # instant events on a "failures" track, so the trace names them too.
+        reported = {r.get("rank") for r in self.ranks if r.get("error")}
+        unreported = [f for f in self.failures if f.get("retried") or f.get("rank") not in reported]
+        if unreported:
+            pid = len(pids)
+            meta += [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": "failures"}},
+                     {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
+            events += [_failure_event(pid, f) for f in unreported]
         events.sort(key=lambda e: (e["pid"], e["tid"], e["ts"]))
         return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
 
@@ -349,6 +358,16 @@ def _error_event(pid: int, tid: int, r: dict, origin: float) -> dict:
     return {"name": f"error: {err.get('type') or 'Error'}", "cat": "error", "ph": "i", "s": "t",
             "pid": pid, "tid": tid, "ts": max(ts, 0.0),
             "args": {k: err.get(k) for k in ("phase", "message", "traceback") if err.get(k) is not None}}
+
+
+def _failure_event(pid: int, f: dict) -> dict:
+    """A failure from the report's failures list as an instant event on the rank's thread."""
+    where = f"rank {f['rank']}" if f.get("rank") is not None else "driver"
+    label = f"attempt {f.get('attempt') or '?'} failed (retried)" if f.get("retried") else "FAILED"
+    rank = f.get("rank")
+    return {"name": f"{label}: {where} in {f.get('phase')}", "cat": "error", "ph": "i", "s": "t",
+            "pid": pid, "tid": rank if isinstance(rank, int) else -1, "ts": 0.0,
+            "args": {k: f.get(k) for k in ("rank", "phase", "cause", "attempt", "retried") if f.get(k) is not None}}
 
 
 def _atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -52,6 +52,7 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch._inductor.compile_fx", "compile_fx"),
     ("torch._inductor.utils", "clear_caches"),
     ("torch._inductor.codecache", "torch_key"),
+    ("torch._inductor.config", "save_config_portable"),
     ("torch._inductor.custom_graph_pass", "CustomGraphPass"),
     ("torch._functorch", "config"),
 )
@@ -59,6 +60,7 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
 # Present in some builds only; each use has a fallback.
 OPTIONAL_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch._inductor.codecache", "_precompile_header"),  # absent: no header precompilation
+    ("torch._inductor", "config_comms"),  # absent: no collective-scheduling options to key
 )
 
 
@@ -168,6 +170,28 @@ def inductor_source_key() -> str:
     from torch._inductor.codecache import torch_key
 
     return torch_key().hex()[:32]
+
+
+def inductor_portable_config() -> dict[str, dict[str, Any]]:
+    """Inductor's resolved options, the way its own FX graph cache keys itself.
+
+    Every option of torch._inductor.config (and of config_comms, where the build has it), set
+    in code, through a TORCHINDUCTOR_* variable or left at its default, private ones included,
+    less those Inductor's cache leaves out itself (`_cache_config_ignore_prefix`: trace and
+    debug output, compile_threads, custom-pass objects, the cache switches), plus
+    `trace.provenance_tracking_level`, which that cache adds back. Values as the config holds
+    them (not necessarily JSON).
+    """
+    config = inductor_config()
+    options = dict(config.save_config_portable(ignore_private_configs=False, readonly_values=True))
+    options["trace.provenance_tracking_level"] = config.trace.provenance_tracking_level
+    out = {"config": options}
+    try:
+        comms = importlib.import_module("torch._inductor.config_comms")
+    except ImportError:
+        return out
+    out["config_comms"] = dict(comms.save_config_portable(ignore_private_configs=False, readonly_values=True))
+    return out
 
 
 def custom_graph_pass_base() -> type:

@@ -50,6 +50,8 @@ def test_cold_compile_matches_eager_and_counts(cold):
     assert rec["unique_pieces"] == 3
     # symbolic + size 4 per unique piece
     assert rec["inductor_compiles"] == 6 and rec["cache_misses"] == 6 and rec["artifacts_saved"] == 6
+    # Positive control for the warm start's "no C++ compile": the counter sees a cold run's.
+    assert result["builds"], "the cold compile ran no C++ build the counter saw"
     assert rec["traced_files"] and all(not f.startswith("/") for f in rec["traced_files"])
     assert "examples/toy_llama.py" in rec["traced_files"]
     # sizes 1, 3, 7 run the symbolic artifact, 4 its own

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from kiln.workers.compilation import factors as cf
@@ -22,15 +23,25 @@ def test_codegen_source_covers_whole_packages():
 
 
 def test_factors_hold_no_machine_paths():
+    """The whole key (tests/cache_key/ proves that each factor invalidates)."""
     import json
     import os
 
-    factors = cf.compiler_factors(torch.device("cpu"))
+    from kiln.workers import torch_internals
+
+    # Path-valued Inductor options, set to absolute paths, stay out.
+    options = {"global_cache_dir": "/abs/cache", "aot_inductor.output_path": "/abs/out"}
+    with torch_internals.inductor_config().patch(options):
+        factors, _ = cf.cache_key_factors("h", [], torch.device("cpu"))
     text = json.dumps(factors)
     assert "/" not in text and os.path.expanduser("~") not in text  # no paths of any kind
-    for key in ("torch", "inductor_source", "python", "kiln", "kiln_source", "cache_schema", "device"):
-        assert key in factors
-    assert set(factors["device"]) >= {"cpu_capability", "threads"}
+    assert "global_cache_dir" not in factors["inductor"]["config"]
+
+
+def test_unkeyable_inductor_value_is_a_clear_error():
+    with pytest.raises(ValueError, match="Inductor option 'x' holds <object object at 0x"):
+        cf._json_value("x", object())
+    assert cf._json_value("s", {3, 1}) == [1, 3] and cf._json_value("t", ("a", None)) == ["a", None]
 
 
 def test_code_hash_uses_relative_paths_and_contents(tmp_path, monkeypatch):

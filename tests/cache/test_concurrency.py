@@ -23,10 +23,12 @@ def files_under(path) -> list[str]:
 
 
 def test_eight_processes_compute_each_key_once(root, tmp_path, workers, worker_factors):
-    calls = tmp_path / "calls"
-    start_at = time.time() + 1.0  # all eight have imported and opened the store by then
-    procs = [workers.start("compute", root, calls, start_at, *KEYS) for _ in range(8)]
-    results = [json.loads(workers.finish(p, timeout=60)) for p in procs]
+    calls, go = tmp_path / "calls", tmp_path / "go"
+    procs = [workers.start("compute", root, calls, go, *KEYS) for _ in range(8)]
+    for p in procs:  # all eight have imported and opened the store: start them together
+        workers.wait_for_line(p, "ready", timeout=120)
+    go.touch()
+    results = [json.loads(workers.finish(p, timeout=120).strip().splitlines()[-1]) for p in procs]
 
     computed_by = collections.Counter(line.split()[0] for line in calls.read_text().splitlines())
     assert computed_by == {key: 1 for key in KEYS}, "each key must be computed by exactly one process"
@@ -65,15 +67,18 @@ def test_threads_of_one_process_compute_once(store):
 
 def test_readers_never_see_a_torn_file(root, tmp_path, workers, worker_factors):
     CacheStore(root).entry(worker_factors)  # so the reader finds the entry directory at once
-    stop = tmp_path / "stop"
-    reader = workers.start("read", root, stop)
-    writers = [workers.start("write", root, f"w{i}-", 6, 4 << 20) for i in range(2)]
+    stop, passes = tmp_path / "stop", tmp_path / "passes"
+    reader = workers.start("read", root, stop, passes)
+    # Each blob waits half-written for two passes of the reader (no clock): they overlap.
+    writers = [workers.start("write", root, f"w{i}-", 6, 1 << 20, passes) for i in range(2)]
     for w in writers:
-        workers.finish(w, timeout=60)
+        workers.finish(w, timeout=120)
     stop.touch()
-    seen = json.loads(workers.finish(reader, timeout=30))
+    seen = json.loads(workers.finish(reader, timeout=60))
     assert seen["bad"] == []
-    assert seen["blobs"] > 0 and seen["refs"] > 0, "the reader should have overlapped the writers"
+    # Positive controls: the reader saw writes in progress, and the blobs and refs they made.
+    assert seen["passes_during_a_write"] > 0
+    assert seen["blobs"] > 0 and seen["refs"] > 0
     assert verify(root).ok
 
 

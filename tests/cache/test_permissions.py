@@ -11,12 +11,20 @@ import pytest
 
 import kiln.cache.atomic
 import kiln.cache.permissions
-import kiln.cache.store
 from kiln.cache import CacheStore, UnsafeCacheError, atomic_write_bytes, digest_bytes
 from kiln.cache.atomic import TEMP_PREFIX
 from kiln.cache.permissions import ensure_private_dir
+from tests.reliability.mounts import Mounts
 
 RUNNING_AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.fixture
+def mounts():
+    """Real tmpfs mounts (skips, naming why, where this machine does not allow mounting)."""
+    m = Mounts()
+    yield m
+    m.unmount_all()
 
 
 def mode(path) -> int:
@@ -147,16 +155,21 @@ def _assert_read_only_behaviour(root, factors, digest, data, caplog):
     assert sorted(os.walk(root)) == before, "nothing may be written"
 
 
-def test_read_only_root_reported_by_os_access(root, monkeypatch, caplog):
+def test_read_only_root_on_a_read_only_filesystem(tmp_path, mounts, caplog):
+    """A root on a filesystem mounted read-only: writes fail for root too (EROFS), and
+    os.access says so, so the store knows it is read-only before it tries."""
+    root = mounts.tmpfs(tmp_path / "mnt", "4m") / "cache-root"
     factors, digest, data = _fill(root)
-    # As root, os.access says every directory is writable, so the answer is simulated here;
-    # test_read_only_root_for_real below uses real permissions where the test user allows.
-    monkeypatch.setattr(kiln.cache.store, "is_writable", lambda path: False)
+    assert not CacheStore(root).read_only  # positive control: writable until remounted
+    mounts.read_only(root.parent)
+    with pytest.raises(OSError) as info:
+        (root / "probe").write_bytes(b"x")  # the filesystem, not a mock, refuses
+    assert info.value.errno == errno.EROFS
     _assert_read_only_behaviour(root, factors, digest, data, caplog)
 
 
-@pytest.mark.skipif(RUNNING_AS_ROOT, reason="root may write into a 0o500 directory, so it cannot be read-only for root")
-def test_read_only_root_for_real(root, caplog):
+@pytest.mark.skipif(RUNNING_AS_ROOT, reason="root may write into a 0o500 directory (the mount test above covers root)")
+def test_read_only_root_by_permissions(root, caplog):
     factors, digest, data = _fill(root)
     for d, _, _ in os.walk(root):
         os.chmod(d, 0o500)
@@ -167,17 +180,16 @@ def test_read_only_root_for_real(root, caplog):
             os.chmod(d, 0o700)
 
 
-def test_uncreatable_root_is_read_only(tmp_path, monkeypatch, caplog):
-    def refuse(*args, **kwargs):
-        raise PermissionError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(kiln.cache.store, "ensure_private_dir", refuse)
-    store = CacheStore(tmp_path / "cannot-create")
+def test_uncreatable_root_is_read_only(tmp_path, mounts, caplog):
+    """A root that cannot be created (its parent is on a read-only filesystem)."""
+    parent = mounts.tmpfs(tmp_path / "mnt", "1m")
+    mounts.read_only(parent)
+    store = CacheStore(parent / "cannot-create")
     assert store.read_only
     with caplog.at_level(logging.WARNING, logger="kiln.cache"):
         entry = store.entry({"a": 1})
         assert entry.get_or_compute("g", lambda: b"v")[1:] == (b"v", True)
-    assert not (tmp_path / "cannot-create").exists()
+    assert not (parent / "cannot-create").exists()
     assert "read-only" in caplog.text
 
 

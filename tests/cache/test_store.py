@@ -355,22 +355,47 @@ def test_invalidate_with_digest_spares_a_republished_graph(entry):
         entry.invalidate("g", "x", digest="../../x")
 
 
-def test_invalidate_with_digest_waits_for_the_compile_lock(entry):
+def test_invalidate_with_digest_waits_for_the_compile_lock(entry, monkeypatch):
     old, _, _ = entry.get_or_compute("g", lambda: b"unusable")
     holder = filelock.FileLock(str(entry.path / "locks" / "g.lock"))
     holder.acquire()  # another rank, recompiling
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (entry.invalidate("g", "stale", digest=old), done.set()))
+    # Synchronized, not timed: note when invalidate asks for the graph's lock, and whether the
+    # holder had released it at each read of the ref.
+    asking, released, reads = threading.Event(), threading.Event(), []
+    real_make_lock, real_read_ref = entry.make_lock, entry._read_ref
+
+    def make_lock(path, timeout):
+        lock = real_make_lock(path, timeout)
+        real_acquire = lock.acquire
+
+        def acquire(*args, **kwargs):
+            asking.set()
+            return real_acquire(*args, **kwargs)
+
+        lock.acquire = acquire
+        return lock
+
+    def read_ref(graph_key):
+        reads.append(released.is_set())
+        return real_read_ref(graph_key)
+
+    monkeypatch.setattr(entry, "make_lock", make_lock)
+    monkeypatch.setattr(entry, "_read_ref", read_ref)
+    thread = threading.Thread(target=lambda: entry.invalidate("g", "stale", digest=old), daemon=True)
     thread.start()
     try:
-        assert not done.wait(0.3), "invalidate must wait for the compile in progress"
+        assert asking.wait(30), "invalidate never asked for the graph's compile lock"
+        assert reads == [], "invalidate read the ref before it had the lock"
         # The other rank republishes under the lock (as _compute_and_publish does), then releases.
         new = entry.put_blob(b"recompiled")
         atomic_write_json(entry.path / "refs" / "g.json", make_ref(new, len(b"recompiled")))
     finally:
+        released.set()
         holder.release()
-        thread.join(10)
-    assert done.is_set()
+        thread.join(30)
+    assert not thread.is_alive(), "invalidate never finished"
+    assert reads == [True], "invalidate must read the ref only once the compile in progress is done"
+    monkeypatch.undo()
     assert entry.lookup("g") == (new, b"recompiled")
 
 

@@ -1,18 +1,15 @@
 """Driver checks that need no Ray cluster: device choice, placement feasibility, argument and
-state errors, the report's cache root, and `kiln warmup`'s --report/--trace handling."""
+state errors, the report's cache root, and `kiln warmup`'s --report/--trace checks. (The embedded
+cluster and failure reports run for real in test_failure_paths.py.)"""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 from click.testing import CliRunner
 
 from kiln import CompilationConfig, Orchestrator
 from kiln.orchestrator.cli_warmup import warmup_command
-from kiln.orchestrator.cluster import connect, placement_shortfall, rank_bundle, wants_gpus
-from kiln.orchestrator.driver import WarmupError
-from kiln.orchestrator.report import RunReport
+from kiln.orchestrator.cluster import placement_shortfall, rank_bundle, wants_gpus
 
 MODEL = "examples/toy_llama.py:build"
 CPU = rank_bundle(False, 1)
@@ -45,18 +42,6 @@ def test_placement_shortfall_per_strategy_on_two_nodes():
     assert "the cluster has 2" in placement_shortfall(3, CPU, "STRICT_SPREAD", nodes)
     # Fractional CPUs: 1.5 / 0.5 is 3 ranks, not 2 through float error.
     assert placement_shortfall(3, rank_bundle(False, 0.5), "STRICT_PACK", [{"CPU": 1.5}]) is None
-
-
-def test_embedded_connect_starts_a_fresh_local_cluster(monkeypatch):
-    import ray
-
-    calls = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # must not be attached to
-    assert connect(None, num_cpus=2).started_here
-    (kwargs,) = calls
-    assert kwargs["address"] == "local" and kwargs["_node_ip_address"] == "127.0.0.1"
 
 
 def test_bad_placement_and_ignored_runtime_env():
@@ -116,39 +101,6 @@ def test_unwritable_output_path_is_refused_before_the_warmup(tmp_path, option, m
     assert result.exit_code == 2
     assert option in result.output + getattr(result, "stderr", "")
     assert "not a directory" in result.output + getattr(result, "stderr", "")
-
-
-def test_failed_warmup_still_writes_report_and_trace(tmp_path, monkeypatch):
-    import kiln.orchestrator.driver as driver
-
-    failure = {"rank": 1, "phase": "build_model", "cause": "ValueError: rank one refuses to build"}
-
-    class Failing:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def warmup(self, sizes):
-            exc = WarmupError([failure])
-            exc.report = RunReport.merge([], config_hash="h", cache_root="/c", model=MODEL, tp_size=2, sizes=[2],
-                                         wall_seconds=1.0, orchestration={}, started_at=0.0,
-                                         failures=[{**failure, "attempt": 1}])
-            raise exc
-
-    monkeypatch.setattr(driver, "Orchestrator", Failing)
-    report, trace = tmp_path / "out" / "report.json", tmp_path / "out" / "trace.json"
-    result = _runner().invoke(warmup_command, [MODEL, "--tp", "2", "--report", str(report), "--trace", str(trace)])
-    assert result.exit_code == 1
-    stderr = getattr(result, "stderr", result.output)
-    assert "rank 1, phase 'build_model': ValueError: rank one refuses to build" in stderr
-    data = json.loads(report.read_text())
-    assert data["failures"] == [{**failure, "attempt": 1}]
-    assert "traceEvents" in json.loads(trace.read_text())
 
 
 def test_root_causes_prefer_deaths_then_own_errors_over_knock_on_failures():

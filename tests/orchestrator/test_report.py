@@ -249,7 +249,8 @@ def test_chrome_trace(report, tmp_path):
     events = trace["traceEvents"]
     meta = [e for e in events if e["ph"] == "M"]
     procs = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
-    assert procs == {0: "node 10.0.0.1", 1: "node 10.0.0.2"}
+    # The driver-level failure no rank reported gets a track of its own.
+    assert procs == {0: "node 10.0.0.1", 1: "node 10.0.0.2", 2: "failures"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}
     assert threads == {(0, 0): "rank 0 (cuda:0 NVIDIA H100 80GB HBM3)",
                        (0, 1): "rank 1 (cuda:0 NVIDIA H100 80GB HBM3)", (1, 2): "rank 2 (cpu)"}
@@ -267,10 +268,12 @@ def test_chrome_trace(report, tmp_path):
     assert by_name[(2, "init_process_group")]["cat"] == "setup"
 
     errors = [e for e in events if e["ph"] == "i"]
-    assert len(errors) == 1
+    assert len(errors) == 2
     assert errors[0]["name"] == "error: RuntimeError" and (errors[0]["pid"], errors[0]["tid"]) == (1, 2)
     assert errors[0]["ts"] == 1_500_000  # where rank 2's last phase ended
     assert errors[0]["args"]["message"] == "boom"
+    assert errors[1]["name"] == "FAILED: driver in broadcast" and errors[1]["pid"] == 2
+    assert errors[1]["args"] == {"phase": "broadcast", "cause": "actor 3 lost"}
 
 
 def test_chrome_trace_is_deterministic(workers):
@@ -290,7 +293,10 @@ def test_no_reports_at_all_still_renders():
     report = _merge([], failures=[{"rank": None, "phase": "actors_ready", "cause": "no GPUs"}])
     assert report.totals()["inductor_compiles"] == 0 and report.cache_key == ""
     assert report.table().splitlines()[3].startswith("TOTAL")
-    assert report.chrome_trace() == {"traceEvents": [], "displayTimeUnit": "ms"}
+    # No rank to draw, but the trace still names what failed.
+    events = report.chrome_trace()["traceEvents"]
+    assert [e["name"] for e in events if e["ph"] == "i"] == ["FAILED: driver in actors_ready"]
+    assert [e["args"]["cause"] for e in events if e["ph"] == "i"] == ["no GPUs"]
 
 
 def test_atomic_write_leaves_no_temp_files(report, tmp_path):

@@ -9,7 +9,8 @@ from kiln import CompilationConfig, Orchestrator
 from tests.orchestrator.conftest import TINY
 from tests.simulated_cluster import simulated_cluster
 
-pytestmark = pytest.mark.slow
+# Eight ranks and three warm-ups on 2 cores: more than the suite's default per-test timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_compile_once_at_tp(tp, two_nodes_eight_cpus, tmp_path):
         cold = report.totals()
     assert len(report.ranks) == tp and len({r["node_id"] for r in report.ranks}) == 2
     assert all(r["device"] == "cpu" and r["dist_backend"] == "gloo" for r in report.ranks)
-    assert cold["inductor_compiles"] == tp1, "compile once: as many compiles as at TP=1"
+    assert tp1 > 0 and cold["inductor_compiles"] == tp1, "compile once: as many compiles as at TP=1"
     with Orchestrator("examples/toy_llama.py:build", tp, config, str(tmp_path / f"root{tp}"),
                       address=two_nodes_eight_cpus.address, model_kwargs=model, progress=False) as orch:
         assert orch.warmup([2]).totals()["inductor_compiles"] == 0

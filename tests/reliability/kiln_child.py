@@ -78,10 +78,10 @@ def inject_blob_write_fault(nth: int, on_fault: Callable[[], None]) -> None:
 
 
 def override_compiler_factors(overrides: dict) -> None:
-    import kiln.workers.compilation.piecewise_backend as compiler
+    import kiln.workers.compilation.factors as factors
 
-    real = compiler.compiler_factors
-    compiler.compiler_factors = lambda device: {**real(device), **overrides}
+    real = factors.compiler_factors
+    factors.compiler_factors = lambda device: {**real(device), **overrides}
 
 
 def main() -> None:

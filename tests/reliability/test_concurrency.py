@@ -25,13 +25,13 @@ from tests.reliability.support import (
 pytestmark = pytest.mark.reliability
 
 
-
 def warmup_command(root, address: str, report) -> list[str]:
     return [sys.executable, "-m", "kiln.orchestrator.cli", "warmup", MODEL, "--tp", "1", "--sizes", "2", *tiny_model_args(),
             "--cache-root", str(root), "--address", address, "--report", str(report), "--quiet"]
 
 
 # Eight processes cost about 100 s on 2 cores: CI runs three, which race the same way.
+@pytest.mark.timeout(1200)  # its own wait for the processes (900 s) comes first
 @pytest.mark.parametrize("jobs", [3, pytest.param(8, marks=pytest.mark.slow)])
 def test_cli_warmups_on_one_cluster_compile_each_piece_once(ray_local, tmp_path, figure, jobs):
     figure.scenario = f"concurrency: {jobs} kiln warmup processes, one cache"

@@ -1,16 +1,20 @@
 """The factors of a cache key that kiln computes with torch in hand.
 
-`compiler_factors()` names everything about the toolchain that changes generated code; the code
-hash covers the model source Dynamo traced; `codegen_env()` is the allow-list of environment
-variables that change code generation. Together with the config hash they make the cache key
-(see cache/). Absolute paths, HOME, ranks, ports and hostnames never enter a key.
+`cache_key_factors()` is the whole key of one traced graph, as the backend opens its cache
+entry with it: the config hash, the code hash of the model source Dynamo traced,
+`compiler_factors()` (everything about the toolchain and the device that changes generated
+code) and `inductor_settings()` (Inductor's own resolved configuration, however each option was
+set). The cache store hashes them (see cache/). Absolute paths, HOME, ranks, ports and
+hostnames never enter a key.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import platform
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,22 +28,17 @@ from kiln.workers import torch_internals
 # Bump when the layout or meaning of what kiln stores changes.
 CACHE_SCHEMA_VERSION = 1
 
-# Environment variables that change what Inductor generates (allow-list: nothing else enters).
-CODEGEN_ENV_VARS = (
-    "TORCHINDUCTOR_MAX_AUTOTUNE",
-    "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM",
-    "TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE",
-    "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING",
-    "TORCHINDUCTOR_FREEZING",
-    "TORCHINDUCTOR_CPP_WRAPPER",
-    "TORCHINDUCTOR_LAYOUT_OPTIMIZATION",
-    "TORCHINDUCTOR_FALLBACK_RANDOM",
-    "TORCHINDUCTOR_EMULATE_PRECISION_CASTS",
-    "TORCHINDUCTOR_SIZE_ASSERTS",
-    "TORCHINDUCTOR_NAN_ASSERTS",
-    "TORCH_COMPILE_DEBUG",
-    "ATEN_CPU_CAPABILITY",
-)
+# Inductor options left out of the key on top of those Inductor's own cache leaves out (see
+# torch_internals.inductor_portable_config): options that name a file or a directory, by name
+# (…_dir, …_path, …_logpath, …_home: worker_log_path, autoheuristic_log_path, global_cache_dir,
+# torchinductor_worker_logpath, triton.proton_output_dir, aot_inductor.output_path,
+# aot_inductor.aoti_shim_library_path, rocm.rocm_home, rocm.ck_dir,
+# aten_distributed_optimizations.profile_guided_estimations_profile_path on torch 2.13) or by an
+# absolute path as value. Where a log, a profile, an output or a toolkit lies on this machine is
+# not the code Inductor generates, and an absolute path in a key would make every other machine
+# and every other checkout miss. (Inductor's cache and Triton's, TORCHINDUCTOR_CACHE_DIR and
+# TRITON_CACHE_DIR, are not config options at all: they never enter.)
+_PATH_OPTION = re.compile(r"(_dir|_path|_logpath|_home)$")
 
 _WORKERS_DIR = Path(__file__).resolve().parents[1]
 
@@ -124,8 +123,54 @@ def compiler_factors(device: torch.device) -> dict[str, Any]:
     }
 
 
-def codegen_env() -> dict[str, str]:
-    return {name: os.environ[name] for name in CODEGEN_ENV_VARS if name in os.environ}
+def _is_path_option(name: str, value: Any) -> bool:
+    return bool(_PATH_OPTION.search(name)) or (isinstance(value, str) and os.path.isabs(value))
+
+
+def _json_value(name: str, value: Any) -> Any:
+    """An option's value as plain JSON that is the same in every process."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__qualname__}.{value.name}"
+    if isinstance(value, (list, tuple)):
+        return [_json_value(name, v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_json_value(name, v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {str(k): _json_value(name, v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    text = repr(value)
+    # A repr with an address differs in every process: such a key would never hit again.
+    if " at 0x" in text:
+        raise ValueError(f"Inductor option {name!r} holds {text}, which cannot key a cache entry; "
+                         "leave it at its default or give it a plain value")
+    return text
+
+
+def inductor_settings() -> dict[str, dict[str, Any]]:
+    """Inductor's resolved configuration as plain JSON, without options that name paths."""
+    return {
+        module: {name: _json_value(name, value) for name, value in sorted(options.items())
+                 if not _is_path_option(name, value)}
+        for module, options in torch_internals.inductor_portable_config().items()
+    }
+
+
+def cache_key_factors(config_hash: str, traced_files: Iterable[str],
+                      device: torch.device) -> tuple[dict[str, Any], list[str]]:
+    """(factors, relative paths of the traced files): the key factors of one traced graph's
+    cache entry, exactly as the backend opens it (CacheStore.entry hashes them; the entry's
+    key_factors.json shows them)."""
+    digest, relative = code_hash(traced_files)
+    factors = {
+        "config_hash": config_hash,
+        "code_hash": digest,
+        "compiler": compiler_factors(device),
+        "inductor": inductor_settings(),
+    }
+    return factors, relative
 
 
 def relative_source_path(filename: str) -> str:

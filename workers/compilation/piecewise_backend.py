@@ -22,7 +22,7 @@ import torch.fx as fx
 from kiln.workers import torch_internals
 from kiln.workers.compilation.artifacts import ArtifactError, compile_graph, load_graph
 from kiln.workers.layers.custom_op import eager_impl
-from kiln.workers.compilation.factors import code_hash, codegen_env, compiler_factors
+from kiln.workers.compilation.factors import cache_key_factors
 from kiln.workers.compilation.passes import PostGradPassManager
 from kiln.workers.compilation.piece_runner import PieceRunner, size_index
 from kiln.workers.compilation.record import CompileRecord, Phase
@@ -330,16 +330,10 @@ class PiecewiseBackend:
         files = torch_internals.traced_code_files()
         if not files:  # torch without traced_code: the files named in the graph's stack traces
             files = _files_in_stack_traces(gm)
-        digest, relative = code_hash(files)
+        factors, relative = cache_key_factors(self.config_hash, files, _device_of(example_inputs))
         self.record.traced_files = sorted(set(self.record.traced_files) | set(relative))
         if self.store is None:
             return None
-        factors = {
-            "config_hash": self.config_hash,
-            "code_hash": digest,
-            "compiler": compiler_factors(_device_of(example_inputs)),
-            "env": codegen_env(),
-        }
         entry = self.store.entry(factors)
         self.record.cache_key = entry.key
         self.record.cache_dir = str(entry.path)
