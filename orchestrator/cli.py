@@ -1,4 +1,4 @@
-"""The `kiln` command: `kiln warmup`, `kiln config …`, `kiln cache …`.
+"""The `kiln` command: `kiln warmup`, `kiln generate`, `kiln config …`, `kiln cache …`.
 
 Subcommand groups live in their own modules and import heavy dependencies (torch, ray) inside
 the command bodies, so `kiln cache ls` starts instantly.
@@ -11,6 +11,7 @@ import click
 from kiln import __version__
 from kiln.orchestrator.cli_cache import cache_group
 from kiln.orchestrator.cli_config import config_group
+from kiln.orchestrator.cli_generate import generate_command
 from kiln.orchestrator.cli_warmup import warmup_command
 
 
@@ -23,6 +24,7 @@ def main() -> None:
 main.add_command(config_group)
 main.add_command(cache_group)
 main.add_command(warmup_command)
+main.add_command(generate_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
