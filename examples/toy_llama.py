@@ -169,6 +169,9 @@ class ToyLlama(nn.Module):
     def __init__(self, cfg: ToyLlamaConfig):
         super().__init__()
         self.cfg = cfg
+        # What generation needs to know (kiln.workers.runtime.generation): KV-cache slots,
+        # positions per slot, token ids.
+        self.max_seqs, self.max_seq_len, self.vocab_size = cfg.max_seqs, cfg.max_seq_len, cfg.vocab
         self.pad_slot = cfg.max_seqs
         emb = _full_weight("embed", (cfg.vocab, cfg.hidden), cfg.seed) * cfg.hidden**0.5
         self.embed = nn.Parameter(emb.to(cfg.device, cfg.dtype), requires_grad=False)

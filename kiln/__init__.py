@@ -4,7 +4,8 @@ The public face. Everything here is imported lazily (PEP 562), so `import kiln` 
 and `kiln cache …` / `kiln config …` start without torch or Ray:
 
     from kiln import Orchestrator, CompilationConfig, CUDAGraphMode, KilnModel
-    torch.compile(model, backend=kiln.backend)      # or backend="kiln"
+    torch.compile(model, backend=kiln.backend())    # or backend="kiln"
+    compiled = kiln.compile(model)                  # any nn.Module: trace once, split at attention
 
 Installed, the three packages live here: `kiln.orchestrator` (driver), `kiln.workers` (ranks),
 `kiln.cache` (the on-disk store), mapped from the repository's top-level folders of those names.
@@ -41,6 +42,8 @@ _EXPORTS = {
     "PassConfig": "kiln.workers.config",
     "KilnModel": "kiln.workers.runtime.kiln_model",
     "backend": "kiln.workers.compilation.backend",
+    "compile": "kiln.workers.runtime.compiled_module",
+    "CompiledModule": "kiln.workers.runtime.compiled_module",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -49,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kiln.orchestrator.driver import Orchestrator
     from kiln.orchestrator.report import RunReport
     from kiln.workers.compilation.backend import backend
+    from kiln.workers.runtime.compiled_module import CompiledModule, compile
     from kiln.workers.config import CompilationConfig, CompilationLevel, CUDAGraphMode, PassConfig
     from kiln.workers.runtime.kiln_model import KilnModel
 

@@ -26,6 +26,7 @@ from kiln.orchestrator.report import RunReport
 from kiln.workers.config import DEFAULT_CAPTURE_SIZES, CompilationConfig
 from kiln.workers.models.spec import parse_model_spec
 from kiln.workers.protocol import NodeInfo, SetupPayload, WorkerReport
+from kiln.workers.runtime.generation import GenerateResult, GenerationLimits, check_request
 from kiln.workers.worker import KilnWorker, WorkerFailure, local_factors
 
 log = logging.getLogger("kiln.driver")
@@ -134,6 +135,7 @@ class Orchestrator:
         self.started = False
         # The capture sizes the running workers were set up with (they keep them until restarted).
         self.started_sizes: list[int] | None = None
+        self.generation_limits: GenerationLimits | None = None  # the model's, asked once
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -384,6 +386,26 @@ class Orchestrator:
         """One forward on every rank; returns rank 0's output (a CPU tensor)."""
         self._require_started("run()")
         return self._gather([w.run.remote(list(inputs), decode) for w in self.workers], "run")[0]
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> GenerateResult:
+        """Greedy decoding of token-id prompts on every rank, through the KV cache and the
+        compiled (on GPUs, captured) model: all prompts prefilled as one batch, then one token
+        per prompt per step. Returns rank 0's GenerateResult (new tokens per prompt, tokens/s).
+        A request the model cannot take (more prompts than KV-cache slots, prompt + new tokens
+        over max_seq_len, an empty prompt, a token id outside the vocabulary) is a ValueError
+        raised before any rank runs; the model must say its limits (see GenerationLimits)."""
+        check_request(prompts, max_new_tokens)
+        self._require_started("generate()")
+        if self.generation_limits is None:
+            self.generation_limits = self._gather([self.workers[0].generation_limits.remote()], "generate")[0]
+        check_request(prompts, max_new_tokens, self.generation_limits)
+        prompts = [list(p) for p in prompts]
+        results = self._gather([w.generate.remote(prompts, max_new_tokens) for w in self.workers], "generate")
+        diverged = [r for r, result in enumerate(results) if result.tokens != results[0].tokens]
+        if diverged:  # their KV caches now hold other tokens: later steps would be garbage
+            raise RuntimeError(f"generate: ranks {diverged} chose other tokens than rank 0 (their logits "
+                               "differ: the model's output must be the same full-vocab logits on every rank)")
+        return results[0]
 
     def reset_cache(self) -> None:
         """Zero every rank's KV cache (models that have one)."""

@@ -44,6 +44,8 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch._dynamo.source", "LocalSource"),
     ("torch._dynamo.source", "TensorProperty"),
     ("torch._dynamo.source", "TensorPropertySource"),
+    ("torch._dynamo.source", "GetItemSource"),
+    ("torch._dynamo.source", "DictGetItemSource"),
     ("torch._guards", "TracingContext"),
     ("torch._dispatch.python", "enable_python_dispatcher"),
     ("torch._inductor", "standalone_compile"),
@@ -106,6 +108,14 @@ def dynamo_sources() -> tuple[type, type, type]:
     from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
 
     return LocalSource, TensorProperty, TensorPropertySource
+
+
+def dynamo_item_sources() -> tuple[type, type]:
+    """(GetItemSource, DictGetItemSource): an item of a traced frame's local, as Dynamo names
+    an argument that reached the frame through its *args (by index) or **kwargs (by key)."""
+    from torch._dynamo.source import DictGetItemSource, GetItemSource
+
+    return GetItemSource, DictGetItemSource
 
 
 def tracing_fake_mode() -> Any:

@@ -259,6 +259,39 @@ class KilnWorker:
         if hasattr(self.model, "reset_cache"):
             self.model.reset_cache()
 
+    # ---- greedy generation on all ranks -------------------------------------------------------
+
+    def generation_limits(self) -> Any:
+        """The model's GenerationLimits (max_seqs, max_seq_len, vocab_size), for the driver's checks."""
+        from kiln.workers.runtime.generation import limits_of
+
+        try:
+            return limits_of(self.model)
+        except BaseException as exc:  # noqa: BLE001
+            raise self._fail(exc) from None
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> Any:
+        """Greedy tokens for `prompts` through the KV cache and the compiled (captured) model;
+        every rank computes the same tokens from the same full-vocab logits (a GenerateResult)."""
+        from kiln.workers.runtime.generation import check_request, greedy_generate, limits_of
+
+        try:
+            self.phase = "generate"
+            if self.kiln is None:
+                raise RuntimeError("generate() before warmup(): nothing is compiled yet")
+            check_request(prompts, max_new_tokens, limits_of(self.model))
+            self.model.reset_cache()
+            kiln = self.kiln
+
+            def step(ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, decode: bool) -> Any:
+                return kiln(*kiln.place(ids, positions, seq_ids), decode=decode)
+
+            result = greedy_generate(step, prompts, max_new_tokens, self.device)
+            self.phase = "ready"
+            return result
+        except BaseException as exc:  # noqa: BLE001
+            raise self._fail(exc) from None
+
     def time_decode(self, batch: int, steps: int = 50, warmup: int = 10) -> dict[str, float]:
         """Median latency of a decode step of `batch` sequences on this rank (CUDA events)."""
         import statistics

@@ -14,8 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).with_name("compile_child.py")
 
 
-def run_child(spec: dict, tmp_path: Path, *, empty_compiler_caches: bool = True) -> dict:
-    """Compile in a child process; with empty Inductor/Triton cache dirs unless told otherwise."""
+def run_child(spec: dict, tmp_path: Path, *, empty_compiler_caches: bool = True, child: Path = CHILD) -> dict:
+    """Compile in a child process (`child`, default compile_child.py); with empty Inductor/Triton
+    cache dirs unless told otherwise."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     if empty_compiler_caches:
@@ -23,7 +24,7 @@ def run_child(spec: dict, tmp_path: Path, *, empty_compiler_caches: bool = True)
         env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / f"inductor-{n}")
         env["TRITON_CACHE_DIR"] = str(tmp_path / f"triton-{n}")
         (tmp_path / f"inductor-{n}").mkdir()
-    proc = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(child), json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -397,7 +397,8 @@ def test_deprecated_flags_round_trip_silently():
 
 
 def test_default_splitting_ops():
-    assert DEFAULT_SPLITTING_OPS == ["kiln::attention"]
+    # attention: kiln's op (its models) and torch's SDPA (unmodified models)
+    assert DEFAULT_SPLITTING_OPS == ["kiln::attention", "aten::scaled_dot_product_attention"]
     config = CompilationConfig()
     assert config.splitting_ops == DEFAULT_SPLITTING_OPS
     assert config.splitting_ops is not DEFAULT_SPLITTING_OPS

@@ -1,8 +1,9 @@
 """What `level` means: eager, torch.compile as is, trace once, or kiln's piecewise backend.
 
 `compile_forward(module, config, …)` returns the callable that runs the module's forward at
-the configured level; `kiln_backend` is the `torch.compile(model, backend="kiln")` entry point
-(registered under `torch_dynamo_backends`), which uses a default config and cache root.
+the configured level (KilnModel and kiln.compile use it); `kiln_backend` is the
+`torch.compile(model, backend="kiln")` entry point (registered under `torch_dynamo_backends`),
+which uses a default config and cache root, and `backend(config, cache_root)` one with yours.
 """
 
 from __future__ import annotations
@@ -98,6 +99,6 @@ def backend(config: CompilationConfig | None = None,
 
 
 def kiln_backend(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-    """`torch.compile(model, backend="kiln")`: piecewise compile with the default config, cached
-    under $KILN_CACHE_ROOT (or ~/.cache/kiln)."""
+    """`torch.compile(model, backend="kiln")`: piecewise compile with the default config (split
+    at attention: kiln's op and torch's SDPA), cached under $KILN_CACHE_ROOT (or ~/.cache/kiln)."""
     return backend()(gm, example_inputs)

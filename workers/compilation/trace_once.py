@@ -6,6 +6,10 @@ list from the forward's arguments (inputs, their batch size, and the module's pa
 buffers, held by identity) and how to rebuild the forward's return value from the graph's
 outputs. That removes guard evaluation from the hot path and the 0/1 specialization that would
 otherwise make batch size 1 recompile.
+
+Dynamo names a graph input by where it came from in the frame it traced: a parameter of
+`forward` by name, or, when forward is wrapped by a decorator (transformers' models), an item
+of the wrapper's *args or **kwargs. Both bind: positionally by index, or by keyword.
 """
 
 from __future__ import annotations
@@ -28,38 +32,127 @@ log = logging.getLogger("kiln.trace_once")
 
 @dataclass(frozen=True)
 class _Arg:
-    kind: str  # "input": forward arg #pos; "size": forward arg #pos's size(dim); "const": held value
-    pos: int = 0
+    kind: str  # "input": a forward argument; "size": its size(dim); "const": held value
+    pos: int | None = None  # index among the call's positional arguments (None: keyword only)
+    name: str | None = None  # keyword the argument may come by instead (None: positional only)
     dim: int = 0
     value: Any = None
 
 
-def _plan_from_graph(gm: fx.GraphModule, params: list[str], held: set[int]) -> list[_Arg] | None:
+_CO_VARARGS, _CO_VARKEYWORDS = inspect.CO_VARARGS, inspect.CO_VARKEYWORDS
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The argument names of a function Dynamo may start tracing at: `forward` itself or, for a
+    decorated forward (transformers' models), the decorator's wrapper. A method is called with
+    (module, *args, **kwargs), so its first positional argument (`skip` = 1) is the module."""
+
+    positional: tuple[str, ...]
+    keyword_only: tuple[str, ...]
+    varargs: str | None
+    varkw: str | None
+    skip: int
+
+    @classmethod
+    def of(cls, fn: Any, skip: int) -> _Frame | None:
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return None
+        names = code.co_varnames
+        n_pos, n_kw = code.co_argcount, code.co_kwonlyargcount
+        rest = iter(names[n_pos + n_kw:])
+        varargs = next(rest) if code.co_flags & _CO_VARARGS else None
+        varkw = next(rest) if code.co_flags & _CO_VARKEYWORDS else None
+        return cls(tuple(names[:n_pos]), tuple(names[n_pos:n_pos + n_kw]), varargs, varkw, skip)
+
+    def where(self, source: Any) -> tuple[int | None, str | None] | None:
+        """(positional index, keyword) of the call argument `source` names, or None."""
+        LocalSource = torch_internals.dynamo_sources()[0]
+        GetItemSource, DictGetItemSource = torch_internals.dynamo_item_sources()
+        if isinstance(source, LocalSource):
+            name = source.local_name
+            if name in self.positional[self.skip:]:
+                return self.positional.index(name) - self.skip, name
+            if name in self.keyword_only:
+                return None, name
+        elif (isinstance(source, GetItemSource) and isinstance(source.base, LocalSource)
+              and source.base.local_name == self.varargs and isinstance(source.index, int)
+              and not source.index_is_slice):
+            # varargs holds the call's arguments after the named positional ones
+            pos = len(self.positional) + source.index - self.skip
+            return (pos, None) if pos >= 0 else None
+        elif (isinstance(source, DictGetItemSource) and isinstance(source.base, LocalSource)
+              and source.base.local_name == self.varkw and isinstance(source.index, str)):
+            return None, source.index
+        return None
+
+
+def _frames(module: torch.nn.Module) -> list[_Frame]:
+    """Candidate frames, outermost first: the forward's function and what it wraps."""
+    forward = module.forward
+    fn = getattr(forward, "__func__", forward)  # a method, or a function set on the instance
+    skip = 1 if fn is not forward else 0
+    frames: list[_Frame] = []
+    while fn is not None and len(frames) < 8:
+        frame = _Frame.of(fn, skip)
+        if frame is not None:
+            frames.append(frame)
+        fn = getattr(fn, "__wrapped__", None)
+    return frames
+
+
+def _plan_from_graph(gm: fx.GraphModule, frames: list[_Frame], held: set[int]) -> list[_Arg] | None:
     """How to build the graph's inputs from the forward's arguments, or None if we can't.
 
     `held`: ids of the module's parameters and buffers, the only tensors that may be bound as
     constants (any other tensor input, say one passed inside a list, changes between calls).
+    Tried against each candidate frame; the first that binds every input wins.
     """
-    LocalSource, TensorProperty, TensorPropertySource = torch_internals.dynamo_sources()
+    for frame in frames:
+        plan = _plan_for_frame(gm, frame, held)
+        if plan is not None:
+            return plan
+    return None
 
+
+def _plan_for_frame(gm: fx.GraphModule, frame: _Frame, held: set[int]) -> list[_Arg] | None:
+    _, TensorProperty, TensorPropertySource = torch_internals.dynamo_sources()
     plan: list[_Arg] = []
     for node in gm.graph.find_nodes(op="placeholder"):
         grapharg = node.meta.get("grapharg")
         source = getattr(grapharg, "source", None)
-        if isinstance(source, LocalSource) and source.local_name in params:
-            plan.append(_Arg("input", params.index(source.local_name)))
-        elif (isinstance(source, TensorPropertySource) and source.prop == TensorProperty.SIZE
-              and isinstance(source.base, LocalSource) and source.base.local_name in params):
-            plan.append(_Arg("size", params.index(source.base.local_name), source.idx))
+        if (isinstance(source, TensorPropertySource) and source.prop == TensorProperty.SIZE
+                and (at := frame.where(source.base)) is not None):
+            plan.append(_Arg("size", *at, dim=source.idx))
+        elif source is not None and (at := frame.where(source)) is not None:
+            plan.append(_Arg("input", *at))
         elif (grapharg is not None and isinstance(grapharg.example, torch.Tensor)
               and id(grapharg.example) in held):
             # parameters and buffers: fixed objects, updated in place if at all
             plan.append(_Arg("const", value=grapharg.example))
         else:
-            log.warning("trace-once: graph input %s (%s) has no direct binding; calls go through Dynamo",
-                        node.name, source)
             return None
     return plan
+
+
+def _unbound_inputs(gm: fx.GraphModule, held: set[int]) -> str:
+    names = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        grapharg = node.meta.get("grapharg")
+        example = getattr(grapharg, "example", None)
+        if not (isinstance(example, torch.Tensor) and id(example) in held):
+            names.append(f"{node.name} from {getattr(grapharg, 'source', None)}")
+    return "; ".join(names)
+
+
+def _argument(arg: _Arg, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    if arg.pos is not None and arg.pos < len(args):
+        return args[arg.pos]
+    if arg.name is None:
+        raise TypeError(f"trace-once: the forward was traced with a positional argument #{arg.pos}, "
+                        f"but this call has {len(args)}")
+    return kwargs[arg.name]
 
 
 @dataclass
@@ -77,69 +170,83 @@ class TraceOnce:
         self.module = module
         self.backend = backend
         self.dynamic_batch = dynamic_batch
-        self.params = [p for p in inspect.signature(module.forward).parameters]
+        self.frames = _frames(module)
         self.times = TraceTimes()
         self._graph_fn: Callable[..., Any] | None = None
         self._plan: list[_Arg] | None = None
         self._out_spec: Any = None
         self._dynamo_fn: Callable[..., Any] | None = None
         self.direct = False
+        self.indirect_reason = ""
+        """Why calls go through Dynamo (not bound directly), once traced; "" when direct."""
+
+    def _not_direct(self, reason: str) -> None:
+        self.indirect_reason = reason
+        log.warning("trace-once: %s; calls go through Dynamo", reason)
 
     def _capture(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         if self._graph_fn is not None:
             why = ("the forward's control flow or input types changed between calls" if self.direct else
-                   "calls go through Dynamo (the forward's inputs could not be bound directly: see the "
-                   "warning above), and Dynamo specializes batch sizes 0 and 1 and changed guards")
+                   f"calls go through Dynamo ({self.indirect_reason}), and Dynamo specializes batch "
+                   "sizes 0 and 1 and changed guards")
             raise RuntimeError(f"kiln traces the forward once and never recompiles, but Dynamo asked for "
                                f"a second graph: {why}")
         self.times.backend_start = time.time()
         held = {id(t) for t in (*self.module.parameters(), *self.module.buffers())}
-        self._plan = _plan_from_graph(gm, self.params, held)
+        self._plan = _plan_from_graph(gm, self.frames, held)
+        if self._plan is None:
+            self._not_direct("the graph's inputs have no direct binding to the forward's arguments "
+                             f"({_unbound_inputs(gm, held)})")
         self._graph_fn = self.backend(gm, example_inputs)
         self.times.backend_end = time.time()
         return self._graph_fn
 
-    def trace(self, *inputs: Any) -> Any:
+    def trace(self, *inputs: Any, **kw_inputs: Any) -> Any:
         """Trace and compile with these example inputs; returns their output."""
         assert self._graph_fn is None, "already traced"
         if self.dynamic_batch:
-            for value in inputs:
+            for value in (*inputs, *kw_inputs.values()):
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     torch_internals.mark_dynamic(value, 0)
         self._dynamo_fn = torch.compile(self.module, backend=self._capture, fullgraph=True)
         self.times.dynamo_start = time.time()
-        result = self._dynamo_fn(*inputs)
-        self._bind_outputs(result, inputs)
+        result = self._dynamo_fn(*inputs, **kw_inputs)
+        self._bind_outputs(result, inputs, kw_inputs)
         return result
 
-    def _bind_outputs(self, result: Any, inputs: Sequence[Any]) -> None:
+    def _bind_outputs(self, result: Any, inputs: Sequence[Any], kw_inputs: dict[str, Any]) -> None:
         if self._plan is None:
             return
         leaves, spec = tree_flatten(result)
-        graph_out = self._graph_fn(*self._flat_args(inputs))
+        graph_out = self._graph_fn(*self._flat_args(inputs, kw_inputs))
         if (len(graph_out) == len(leaves)
                 and all(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                         and a.shape == b.shape and a.dtype == b.dtype for a, b in zip(graph_out, leaves))):
             self._out_spec = spec
             self.direct = True
         else:
-            log.warning("trace-once: forward's outputs don't map onto the graph's; calls go through Dynamo")
+            others = sorted({type(leaf).__name__ for leaf in leaves if not isinstance(leaf, torch.Tensor)})
+            self._not_direct(
+                f"the forward's output holds {', '.join(others)}, which kiln cannot rebuild from the graph's "
+                "outputs (only tensors in tuples, lists, dicts and registered pytrees such as ModelOutput)"
+                if others else f"the forward's {len(leaves)} output tensors do not match the graph's "
+                f"{len(graph_out)} outputs")
 
-    def _flat_args(self, inputs: Sequence[Any]) -> list[Any]:
+    def _flat_args(self, inputs: Sequence[Any], kw_inputs: dict[str, Any]) -> list[Any]:
         assert self._plan is not None
         out: list[Any] = []
         for arg in self._plan:
             if arg.kind == "input":
-                out.append(inputs[arg.pos])
+                out.append(_argument(arg, inputs, kw_inputs))
             elif arg.kind == "size":
-                out.append(inputs[arg.pos].shape[arg.dim])
+                out.append(_argument(arg, inputs, kw_inputs).shape[arg.dim])
             else:
                 out.append(arg.value)
         return out
 
-    def __call__(self, *inputs: Any) -> Any:
+    def __call__(self, *inputs: Any, **kw_inputs: Any) -> Any:
         if self._graph_fn is None:
-            return self.trace(*inputs)
+            return self.trace(*inputs, **kw_inputs)
         if not self.direct:
-            return self._dynamo_fn(*inputs)
-        return tree_unflatten(list(self._graph_fn(*self._flat_args(inputs))), self._out_spec)
+            return self._dynamo_fn(*inputs, **kw_inputs)
+        return tree_unflatten(list(self._graph_fn(*self._flat_args(inputs, kw_inputs))), self._out_spec)

@@ -59,8 +59,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPLITTING_OPS = ["kiln::attention"]
-"""Splitting ops at level PIECEWISE when none are given: kiln's attention op."""
+DEFAULT_SPLITTING_OPS = ["kiln::attention", "aten::scaled_dot_product_attention"]
+"""Splitting ops at level PIECEWISE when none are given: attention, kiln's op (its models) and
+torch's scaled_dot_product_attention (unmodified models), so both split into per-layer pieces."""
 
 
 class CompilationConfig(BaseModel):
@@ -92,7 +93,8 @@ class CompilationConfig(BaseModel):
 
     splitting_ops: list[str] | None = None
     """Ops at which level 3 splits the graph ("ns::op" or "ns::op.overload"); each occurrence
-    runs eagerly between compiled pieces. None: kiln's attention op at level 3, none otherwise."""
+    runs eagerly between compiled pieces. None: attention at level 3 (DEFAULT_SPLITTING_OPS:
+    kiln's op and torch's scaled_dot_product_attention), none otherwise."""
 
     use_inductor: bool = True
     """Level 3: compile the pieces with Inductor (True) or run them as traced FX code (False)."""
