@@ -19,7 +19,7 @@ from kiln import CompilationConfig
 from tests.backend.conftest import run_child
 from tests.backend.hf_llama import tiny_llama, token_batch
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  (a test dependency: an import error must fail, not skip)
 
 CHILD = Path(__file__).with_name("hf_compile_child.py")
 

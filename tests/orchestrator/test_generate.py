@@ -163,7 +163,6 @@ def test_cli_prints_token_ids(ray_cluster, root, expected):
 
 
 def test_cli_prints_text_with_a_tokenizer(ray_cluster, root, tmp_path):
-    pytest.importorskip("tokenizers")
     from kiln.orchestrator.text import load_codec
 
     path = _tiny_tokenizer(tmp_path / "tokenizer.json")
@@ -177,7 +176,6 @@ def test_cli_prints_text_with_a_tokenizer(ray_cluster, root, tmp_path):
 
 
 def test_text_ids_round_trip_and_the_checkpoint_tokenizer_is_found(tmp_path):
-    pytest.importorskip("tokenizers")
     from kiln.orchestrator.text import load_codec, tokenizer_path
 
     ckpt = tmp_path / "ckpt"
@@ -203,7 +201,6 @@ def test_cli_text_without_a_tokenizer_is_a_clear_error(tmp_path):
 
 
 def test_cli_text_without_the_library_is_a_clear_error(tmp_path, monkeypatch):
-    pytest.importorskip("tokenizers")
     import sys
 
     path = _tiny_tokenizer(tmp_path / "tokenizer.json")

@@ -146,6 +146,8 @@ class CausalLM(nn.Module):
         self.norm = _norm(cfg.hidden_size, cfg.rms_norm_eps, "model.norm.weight", args)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, "lm_head.weight", args.dtype, args.device,
                                       tied=self.embed if cfg.tie_word_embeddings else None)
+        # The generation protocol (kiln.workers.runtime.generation): KV-cache limits, full vocab.
+        self.max_seqs, self.max_seq_len, self.vocab_size = args.max_seqs, args.max_seq_len, cfg.vocab_size
         self.loaded_bytes = 0
         """Checkpoint bytes this rank read (0 for dummy weights); set by the loader."""
         self.load_seconds = 0.0
