@@ -1,6 +1,7 @@
-"""`kiln cache ls|verify|prune|explain|export|import|keygen`: look after the on-disk compilation cache.
+"""`kiln cache ls|verify|prune|explain|export|import|keygen|pull`: look after the on-disk compilation cache.
 
-Imports only click and cache/ (no torch, no ray), so these commands start instantly. The work is
+Imports only click and cache/ (no torch, no ray), so these commands start instantly; `pull`
+imports ray in its body, as it talks to a cluster. The work is
 done in cache/maintenance.py; this module parses options and formats results.
 """
 
@@ -229,6 +230,31 @@ def keygen_command(private_key: Path, public_key: Path) -> None:
     with _cache_errors():
         fp = generate_keypair(private_key, public_key)
     click.echo(f"wrote {private_key} (private, keep it secret) and {public_key} (public); fingerprint {fp}")
+
+
+@cache_group.command("pull")
+@root_option
+@click.argument("keys", nargs=-1)
+@click.option("--address", required=True, help="The Ray cluster ('auto' or host:port) whose registry to read.")
+def pull_command(root: Path | None, keys: tuple[str, ...], address: str) -> None:
+    """Fill this node's cache from the cluster: fetch every graph that the cluster's artifact
+    registry lists (of cache keys starting with KEY..., if given), verify it, store it.
+
+    The artifacts come from the workers that published them, so their warm-up or serving
+    processes must still run. Exits 1 if any graph could not be fetched.
+    """
+    from kiln.orchestrator.pull import pull
+
+    with _cache_errors():
+        report = pull(address, root, list(keys))
+    for failure in report.failed:
+        click.echo(f"failed {failure}")
+    sources = ", ".join(f"{n} from {node}" for node, n in sorted(report.sources.items())) or "none"
+    click.echo(f"pulled {report.stored} graphs ({maintenance.format_size(report.bytes)} in {report.seconds:.2f} s; "
+               f"{sources}) of {len(report.keys)} cache keys into {report.root}; {report.present} already present, "
+               f"{len(report.failed)} failed")
+    if report.failed:
+        raise SystemExit(1)
 
 
 def format_ranks(ranks: list[int]) -> str:

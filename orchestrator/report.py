@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from kiln.orchestrator.fanout import fanout_lines, fanout_summary
+
 # Counters summed over ranks by RunReport.totals(); a failed rank may lack any of them.
 COUNTERS = (
     "inductor_compiles",
@@ -187,6 +189,7 @@ class RunReport:
         """The report as plain JSON-able data; `totals` is derived and ignored by from_dict."""
         data = dataclasses.asdict(self)
         data["totals"] = self.totals()
+        data["fanout"] = fanout_summary(self.ranks)
         data["version"] = REPORT_VERSION
         return data
 
@@ -251,6 +254,7 @@ class RunReport:
         ]
         lines += [f"cudagraphs:  {status} (ranks {_rank_list(ranks)})"
                   for status, ranks in self._cudagraph_groups().items()]
+        lines += fanout_lines(self.ranks)
         warnings = Counter(w for r in self.ranks for w in r.get("warnings") or ())
         lines += [f"warning{f' (x{n})' if n > 1 else ''}: {w}" for w, n in sorted(warnings.items())]
         for f in self.failures:

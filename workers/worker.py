@@ -73,6 +73,7 @@ class KilnWorker:
             "rank": self.rank,
             "node": ray.util.get_node_ip_address(),
             "node_id": ctx.get_node_id()[:12],
+            "actor_id": ctx.get_actor_id(),
             "pid": os.getpid(),
             "hostname": platform.node(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -160,6 +161,10 @@ class KilnWorker:
             root = root.replace("{node}", ray.get_runtime_context().get_node_id()[:12])
             root = root.replace("{rank}", str(self.rank))
         self.store = CacheStore(root or None)
+        # Cluster fan-out: the registry's handle, when the driver turned it on (workers/fanout.py).
+        from kiln.workers.fanout import make_client
+
+        self.record.fanout = make_client(p.get("fanout"))
         self.progress = p.get("progress")
         self.phase = "ready"
         return {"device": self._device_name(), "dist_backend": backend}
@@ -221,6 +226,7 @@ class KilnWorker:
             "capture_stats": [vars(s) for s in (self.kiln.pool.stats if self.kiln and self.kiln.pool else [])],
             "custom_ops": {"enabled": dict(config.enabled_custom_ops), "disabled": dict(config.disabled_custom_ops)},
             "wall_seconds": time.time() - self.started,
+            "fanout": self.record.fanout.report() if self.record.fanout is not None else None,
             "error": None,
         }
 
