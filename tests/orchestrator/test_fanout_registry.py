@@ -13,9 +13,7 @@ from kiln.orchestrator.registry import ArtifactRegistry
 from kiln.workers.fanout import FanoutClient, FanoutSettings
 
 CACHE_KEY, GRAPH = "c" * 32, "g1"
-# Above Ray's 100 KiB inlining threshold, as real artifacts are: smaller objects travel inline
-# with their reference and so outlive their owner.
-DATA = b"compiled artifact " * 20000
+DATA = b"compiled artifact " * 20000  # 360 kB, about the size of a small real artifact
 
 
 @pytest.fixture
