@@ -170,3 +170,33 @@ def test_report_summary_and_lines():
     assert lines[0].startswith("fan-out:     3 compiles across the cluster for 2 unique graphs")
     assert "fetched 2 (3.00 MiB in 0.50 s; 2 from node-a)" in lines[2] and "producer gone" in lines[2]
     assert fanout_summary([{"rank": 0, "fanout": None}]) is None and fanout_lines([]) == []
+
+
+def test_lifetime_and_auto(ray_cluster):
+    import ray
+
+    from kiln import Orchestrator
+    from kiln.orchestrator.fanout import start_fanout
+    from kiln.orchestrator.registry import NAMESPACE, REGISTRY_NAME
+
+    one_node = [{"node_id": "a"}, {"node_id": "a"}]
+    assert start_fanout("auto", "job", one_node, 600) is None, "a one-node job starts no registry"
+    assert start_fanout("off", "job", [{"node_id": "a"}, {"node_id": "b"}], 600) is None
+
+    kept = start_fanout("on", "cluster", one_node, 600)
+    assert kept.created_here and kept.payload()["wait_s"] == 600
+    joined = start_fanout("auto", "job", one_node, 600)  # a registry runs: auto joins it
+    assert joined is not None and not joined.created_here
+    joined.teardown([])
+    kept.teardown([])  # a cluster-lifetime registry outlives its job
+    assert ray.get(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE).stats.remote())["published"] == 0
+    kill_and_wait(kept.registry)
+
+    job = start_fanout("on", "job", one_node, 600)
+    job.teardown([])  # a job-lifetime registry goes with the job that started it
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(job.registry.stats.remote(), timeout=30)
+
+    for bad in ({"fanout": "yes"}, {"fanout_lifetime": "forever"}, {"fanout_wait_s": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Orchestrator("examples/toy_llama.py:build", 1, **bad)
