@@ -15,7 +15,9 @@ Locks, quarantine/, last_used and temporary files stay behind. Importing: cache/
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import os
 import stat
@@ -197,9 +199,7 @@ def _read_record(path: Path) -> bytes:
 
 
 def _signer_of(signature: bytes) -> str:
-    import base64
-
-    from kiln.cache.signing import fingerprint
+    from kiln.cache.signing import fingerprint  # after sign_manifest, so cryptography is there
 
     return fingerprint(base64.b64decode(json.loads(signature)["public_key"]))
 
@@ -252,8 +252,6 @@ def _info(name: str, size: int) -> tarfile.TarInfo:
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    import io
-
     tar.addfile(_info(name, len(data)), io.BytesIO(data))
 
 
