@@ -19,6 +19,11 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def new_hasher() -> xxhash.xxh3_128:
+    """An incremental xxh3-128 hasher: update() it with chunks; hexdigest() is digest_bytes of them all."""
+    return xxhash.xxh3_128()
+
+
 def digest_file(path: str | os.PathLike) -> str:
     """xxh3-128 hex of a file's contents, read in chunks."""
     hasher = xxhash.xxh3_128()

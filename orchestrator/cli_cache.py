@@ -1,6 +1,7 @@
-"""`kiln cache ls|verify|prune|explain`: look after the on-disk compilation cache.
+"""`kiln cache ls|verify|prune|explain|export|import|keygen|pull`: look after the on-disk compilation cache.
 
-Imports only click and cache/ (no torch, no ray), so these commands start instantly. The work is
+Imports only click and cache/ (no torch, no ray), so these commands start instantly; `pull`
+imports ray in its body, as it talks to a cluster. The work is
 done in cache/maintenance.py; this module parses options and formats results.
 """
 
@@ -168,6 +169,92 @@ def explain_command(root: Path | None, key: str, other_key: str | None) -> None:
         click.echo("identical factors")
     for path, a, b in differences:
         click.echo(f"{path}: {_show(a)} != {_show(b)}")
+
+
+@cache_group.command("export")
+@root_option
+@click.argument("keys", nargs=-1)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The bundle file to write (a tar).")
+@click.option("--sign", "signing_key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Sign the manifest with this Ed25519 private key (PEM; see `kiln cache keygen`).")
+def export_command(root: Path | None, keys: tuple[str, ...], output: Path, signing_key: Path | None) -> None:
+    """Write cache entries KEY... (unique prefixes will do; none: all) to a portable bundle.
+
+    The bundle holds each entry's blobs, refs, rank indexes and key factors, and a manifest
+    with every file's digest; `kiln cache import` verifies them all before storing any.
+    """
+    from kiln.cache.bundle import export_bundle
+
+    with _cache_errors():
+        report = export_bundle(root, list(keys), output, signing_key=signing_key)
+    signed = f", signed by {report.signer}" if report.signer else ""
+    click.echo(f"exported {len(report.entries)} entries ({report.files} files, "
+               f"{maintenance.format_size(report.bytes)}) to {report.path}{signed}")
+
+
+@cache_group.command("import")
+@root_option
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--require-signature", "public_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Refuse the bundle unless this Ed25519 public key (PEM) signed its manifest.")
+def import_command(root: Path | None, bundle: Path, public_key: Path | None) -> None:
+    """Verify BUNDLE whole (every digest, the schema, safe member paths, the signature if asked),
+    then add its entries to the cache; an entry already present gets only what it lacks.
+
+    Exits 2 with nothing written if the bundle is refused.
+    """
+    from kiln.cache.bundle_import import import_bundle
+
+    with _cache_errors():
+        report = import_bundle(bundle, root, require_signature=public_key)
+    for key in report.added:
+        click.echo(f"added {key}")
+    for key, files in report.merged.items():
+        click.echo(f"merged {key}: {files} files it lacked")
+    for key in report.skipped:
+        click.echo(f"skipped {key}: already present with everything the bundle holds")
+    click.echo(f"imported {report.bundle} (signature: {report.signature}): {len(report.added)} added, "
+               f"{len(report.merged)} merged, {len(report.skipped)} skipped; {report.files} files, "
+               f"{maintenance.format_size(report.bytes)} verified")
+
+
+@cache_group.command("keygen")
+@click.argument("private_key", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("public_key", type=click.Path(dir_okay=False, path_type=Path))
+def keygen_command(private_key: Path, public_key: Path) -> None:
+    """Make an Ed25519 key pair for signing bundles: PRIVATE_KEY (PEM, mode 600) for
+    `export --sign`, PUBLIC_KEY (PEM) for `import --require-signature`. Never overwrites."""
+    from kiln.cache.signing import generate_keypair
+
+    with _cache_errors():
+        fp = generate_keypair(private_key, public_key)
+    click.echo(f"wrote {private_key} (private, keep it secret) and {public_key} (public); fingerprint {fp}")
+
+
+@cache_group.command("pull")
+@root_option
+@click.argument("keys", nargs=-1)
+@click.option("--address", required=True, help="The Ray cluster ('auto' or host:port) whose registry to read.")
+def pull_command(root: Path | None, keys: tuple[str, ...], address: str) -> None:
+    """Fill this node's cache from the cluster: fetch every graph that the cluster's artifact
+    registry lists (of cache keys starting with KEY..., if given), verify it, store it.
+
+    The artifacts come from the workers that published them, so their warm-up or serving
+    processes must still run. Exits 1 if any graph could not be fetched.
+    """
+    from kiln.orchestrator.pull import pull
+
+    with _cache_errors():
+        report = pull(address, root, list(keys))
+    for failure in report.failed:
+        click.echo(f"failed {failure}")
+    sources = ", ".join(f"{n} from {node}" for node, n in sorted(report.sources.items())) or "none"
+    click.echo(f"pulled {report.stored} graphs ({maintenance.format_size(report.bytes)} in {report.seconds:.2f} s; "
+               f"{sources}) of {len(report.keys)} cache keys into {report.root}; {report.present} already present, "
+               f"{len(report.failed)} failed")
+    if report.failed:
+        raise SystemExit(1)
 
 
 def format_ranks(ranks: list[int]) -> str:

@@ -15,8 +15,8 @@ import click
 from kiln.orchestrator.report import PHASE_KINDS, ReportError, RunReport, phase_kind
 
 # One colour per phase kind (matplotlib's tab10), fixed so that two plots compare at a glance.
-KIND_COLOURS = dict(zip(PHASE_KINDS, ["#7f7f7f", "#8c564b", "#1f77b4", "#d62728", "#2ca02c", "#bcbd22",
-                                      "#9467bd", "#17becf", "#c7c7c7"]))
+KIND_COLOURS = dict(zip(PHASE_KINDS, ["#7f7f7f", "#8c564b", "#1f77b4", "#d62728", "#2ca02c", "#e377c2",
+                                      "#bcbd22", "#9467bd", "#17becf", "#c7c7c7"]))
 
 
 def _load(path: str) -> RunReport:

@@ -88,8 +88,14 @@ def _write_outputs(report: RunReport, report_path: str | None, trace_path: str |
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON run report here.")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Write a Perfetto/Chrome trace here.")
 @click.option("--quiet", is_flag=True, help="No live progress.")
+@click.option("--fanout", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Cluster fan-out: a rank that misses asks the cluster's registry before compiling "
+                   "(auto: when the ranks span nodes or a registry already runs).")
+@click.option("--fanout-lifetime", type=click.Choice(["job", "cluster"]), default="job", show_default=True,
+              help="cluster: a registry started here outlives this job, for serving nodes that join later.")
 def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, load_format, cache_root, address,
-                   placement, device, num_cpus, retries, report_path, trace_path, quiet) -> None:
+                   placement, device, num_cpus, retries, report_path, trace_path, quiet, fanout,
+                   fanout_lifetime) -> None:
     """Compile MODEL ('pkg.module:factory', 'path/file.py:factory' or a checkpoint directory) on
     every rank into the cache."""
     from kiln.workers.models.spec import ModelSpecError, parse_model_spec
@@ -111,7 +117,7 @@ def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, 
     try:
         orch = Orchestrator(model, tp_size, config, cache_root, address, model_kwargs=model_kwargs,
                             placement=placement, device=device, num_cpus=num_cpus, max_retries=retries,
-                            progress=not quiet)
+                            progress=not quiet, fanout=fanout, fanout_lifetime=fanout_lifetime)
     except ValueError as exc:
         raise InvalidConfig(str(exc)) from None
     try:

@@ -21,6 +21,7 @@ from typing import Any
 from kiln.cache.permissions import resolve_root
 from kiln.orchestrator.cluster import (
     STRATEGIES, alive_nodes, cluster_gpus, connect, placement_shortfall, rank_bundle, reserve, wants_gpus)
+from kiln.orchestrator.fanout import Fanout, check_options, start_fanout
 from kiln.orchestrator.progress import ProgressView
 from kiln.orchestrator.report import RunReport
 from kiln.workers.config import DEFAULT_CAPTURE_SIZES, CompilationConfig
@@ -95,6 +96,9 @@ class Orchestrator:
         timeout_s: float = 1800,
         placement_timeout_s: float = 120,
         runtime_env: dict[str, Any] | None = None,
+        fanout: str = "auto",
+        fanout_lifetime: str = "job",
+        fanout_wait_s: float = 600,
     ):
         if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
             raise ValueError(f"tp_size must be a positive integer, got {tp_size!r}")
@@ -104,6 +108,7 @@ class Orchestrator:
             raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
         if placement not in STRATEGIES:
             raise ValueError(f"placement must be one of {', '.join(STRATEGIES)}, got {placement!r}")
+        check_options(fanout, fanout_lifetime, fanout_wait_s)
         if runtime_env and address is None:
             # connect() only passes runtime_env when attaching; local workers already import from
             # this process's working directory.
@@ -125,6 +130,9 @@ class Orchestrator:
         self.timeout_s = timeout_s
         self.placement_timeout_s = placement_timeout_s
         self.runtime_env = runtime_env
+        # Cluster fan-out (orchestrator/fanout.py): "auto" when the ranks span nodes or a registry exists.
+        self.fanout_mode, self.fanout_lifetime, self.fanout_wait_s = fanout, fanout_lifetime, fanout_wait_s
+        self.fanout: Fanout | None = None
         self.workers: list[Any] = []
         self.pg: Any = None
         self.cluster: Any = None
@@ -178,6 +186,7 @@ class Orchestrator:
         # Asked together: the actors start in parallel, and the port comes with rank 0's answer.
         port_ref = self.workers[0].free_port.remote()
         *self.nodes, port = self._gather([*(w.node_info.remote() for w in self.workers), port_ref], "start")
+        self.fanout = start_fanout(self.fanout_mode, self.fanout_lifetime, self.nodes, self.fanout_wait_s)
         self.orchestration["actors_ready"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -191,6 +200,7 @@ class Orchestrator:
             # A 'path/file.py:factory' spec is relative to the driver's directory; workers look
             # there after their own (which differs on another node or under a Ray job).
             search_dirs=[os.getcwd()],
+            fanout=self.fanout.payload() if self.fanout is not None else None,
         )
         self._gather([w.setup.remote(payload) for w in self.workers], "setup")
         self.orchestration["broadcast"] = time.perf_counter() - t1
@@ -217,6 +227,9 @@ class Orchestrator:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if self.fanout is not None:  # before the workers go: their objects go with them
+            self.fanout.teardown([n.actor_id for n in self.nodes])
+            self.fanout = None
         for actor in [*self.workers, *([self.board] if self.board is not None else [])]:
             try:
                 ray.kill(actor, no_restart=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kiln.cache.atomic import atomic_write_bytes
+from kiln.orchestrator.fanout import fanout_lines, fanout_summary
 
 # Counters summed over ranks by RunReport.totals(); a failed rank may lack any of them.
 COUNTERS = (
@@ -34,7 +35,7 @@ COUNTERS = (
 )
 
 # What a phase's time went to; workers tag each phase with its kind (kiln.workers.protocol).
-PHASE_KINDS = ("setup", "build", "trace", "compile", "load", "wait", "capture", "run", "other")
+PHASE_KINDS = ("setup", "build", "trace", "compile", "load", "fetch", "wait", "capture", "run", "other")
 # The kinds the per-rank table shows, each as a column of seconds.
 TABLE_KINDS = ("build", "trace", "compile", "load", "capture")
 REPORT_VERSION = 1
@@ -184,6 +185,7 @@ class RunReport:
         """The report as plain JSON-able data; `totals` is derived and ignored by from_dict."""
         data = dataclasses.asdict(self)
         data["totals"] = self.totals()
+        data["fanout"] = fanout_summary(self.ranks)
         data["version"] = REPORT_VERSION
         return data
 
@@ -247,6 +249,7 @@ class RunReport:
         ]
         lines += [f"cudagraphs:  {status} (ranks {_rank_list(ranks)})"
                   for status, ranks in self._cudagraph_groups().items()]
+        lines += fanout_lines(self.ranks)
         warnings = Counter(w for r in self.ranks for w in r.get("warnings") or ())
         lines += [f"warning{f' (x{n})' if n > 1 else ''}: {w}" for w, n in sorted(warnings.items())]
         for f in self.failures:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PhaseKind = Literal["setup", "build", "trace", "compile", "load", "wait", "capture", "run", "other"]
+PhaseKind = Literal["setup", "build", "trace", "compile", "load", "fetch", "wait", "capture", "run", "other"]
 """What a phase spent its time on: the columns of the per-rank table and the trace categories."""
 
 
@@ -47,6 +47,8 @@ class SetupPayload(BaseModel):
     """Timeout of torch.distributed collectives."""
     search_dirs: list[str] = []
     """Where a 'path/file.py:factory' spec is looked for after the worker's own directory."""
+    fanout: dict[str, Any] | None = None
+    """Cluster fan-out: the registry actor's handle and its settings (None: off; workers/fanout.py)."""
 
 
 class NodeInfo(BaseModel):
@@ -57,6 +59,8 @@ class NodeInfo(BaseModel):
     rank: int
     node: str
     node_id: str
+    actor_id: str
+    """Ray's id of the worker actor (the registry watches the actors that claim graphs)."""
     pid: int
     hostname: str
     cuda_visible_devices: str | None
@@ -131,4 +135,6 @@ class WorkerReport(BaseModel):
     custom_ops: dict[str, dict[str, int]] = Field(default_factory=lambda: {"enabled": {}, "disabled": {}})
     """Custom-op layers built on each path: {"enabled": {name: n}, "disabled": {name: n}}."""
     wall_seconds: float = 0.0
+    fanout: dict[str, Any] | None = None
+    """Cluster fan-out counts (fetched, bytes, seconds, sources, fallbacks), None when off."""
     error: dict[str, Any] | None = None

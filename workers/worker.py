@@ -75,6 +75,7 @@ class KilnWorker:
             rank=self.rank,
             node=ray.util.get_node_ip_address(),
             node_id=ctx.get_node_id()[:12],
+            actor_id=ctx.get_actor_id(),
             pid=os.getpid(),
             hostname=platform.node(),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -176,6 +177,10 @@ class KilnWorker:
         node = ray.get_runtime_context().get_node_id()[:12]
         self.store = CacheStore(resolve_root(p.cache_root, node=node, rank=self.rank))
         self.progress = p.progress
+        # Cluster fan-out: the registry's handle, when the driver turned it on (workers/fanout.py).
+        from kiln.workers.fanout import make_client
+
+        self.record.fanout = make_client(p.fanout)
         self.phase = "ready"
 
     def _device_name(self) -> str:
@@ -236,6 +241,7 @@ class KilnWorker:
             capture_stats=[vars(s) for s in (self.kiln.pool.stats if self.kiln and self.kiln.pool else [])],
             custom_ops=self.custom_op_counts.as_dict(),
             wall_seconds=time.time() - self.started,
+            fanout=self.record.fanout.report() if self.record.fanout is not None else None,
         )
 
     # ---- forward on all ranks ---------------------------------------------------------------

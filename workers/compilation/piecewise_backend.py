@@ -28,6 +28,7 @@ from kiln.workers.compilation.piece_runner import PieceRunner, size_index
 from kiln.workers.compilation.record import CompileRecord, Phase
 from kiln.workers.compilation.split import Piece, split_graph
 from kiln.workers.compilation.structural_hash import structural_hash
+from kiln.workers.fanout import ClusterStep
 
 if TYPE_CHECKING:
     from kiln.cache import CacheEntry, CacheStore
@@ -288,19 +289,28 @@ class PiecewiseBackend:
         for _ in range(2):
             written_before = entry.stats.blobs_written
             start = time.time()
-            digest, data, computed = entry.get_or_compute(graph_key, compute)
+            # A miss asks the cluster before compiling (workers/fanout.py); without fan-out, compute().
+            cluster = ClusterStep(record.fanout, entry, graph_key, compute, record.warnings)
+            digest, data, computed = entry.get_or_compute(graph_key, cluster.compute)
+            cluster.after(data, computed)
             if not computed and time.time() - start > 0.05:
                 # Another process held this graph's lock: we waited for its compile.
                 record.phases.append(Phase(f"wait piece {piece.index} size {size}", "wait", start, time.time(),
                                            time.time() - start, {"graph_key": graph_key}))
             self._note_index(piece, size, graph_key, digest, len(data))
-            if computed:
+            if computed and cluster.fetched is not None:
+                record.cache_misses += 1
+                record.phases.append(Phase(f"fetch piece {piece.index} size {size}", "fetch", start, time.time(),
+                                           time.time() - start, {"graph_key": graph_key, "bytes": len(data),
+                                                                 "node": cluster.fetched.node}))
+            elif computed:
                 record.cache_misses += 1
                 if entry.stats.blobs_written > written_before:  # not on a read-only or full disk
                     record.artifacts_saved += 1
                     record.bytes_saved += len(data)
                 return compiled[-1]
-            record.cache_hits += 1
+            else:
+                record.cache_hits += 1
             try:
                 with record.phase(f"load piece {piece.index} size {size}", "load", graph_key=graph_key,
                                   bytes=len(data)):
@@ -309,10 +319,12 @@ class PiecewiseBackend:
                 # Verified bytes that torch cannot load: drop them (unless another rank already
                 # replaced them) and compile afresh.
                 entry.invalidate(graph_key, str(exc), digest)
+                cluster.unusable(digest, str(exc))
                 record.warnings.append(f"artifact for piece {piece.index} size {size} unusable: {exc}")
                 continue
-            record.artifacts_loaded += 1
-            record.bytes_loaded += len(data)
+            if cluster.fetched is None:  # fetched artifacts are counted by the fan-out report
+                record.artifacts_loaded += 1
+                record.bytes_loaded += len(data)
             return fn
         raise RuntimeError(f"piece {piece.index} size {size}: artifact unusable twice in a row")
 

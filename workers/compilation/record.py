@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -54,6 +54,8 @@ class CompileRecord:
     warnings: list[str] = field(default_factory=list)
     progress: Callable[[str, int, int], None] | None = field(default=None, repr=False, compare=False)
     """Optional callback (what, done, total) for live progress; not serialized."""
+    fanout: Any = field(default=None, repr=False, compare=False)
+    """Optional workers.fanout.FanoutClient: a miss asks the cluster before compiling; not serialized."""
 
     @contextlib.contextmanager
     def phase(self, name: str, kind: str, **extra: Any) -> Iterator[dict[str, Any]]:
@@ -71,6 +73,8 @@ class CompileRecord:
         return sum(p.seconds for p in self.phases if p.name.startswith(prefix))
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        # The hooks are left out before asdict, which would deep-copy them (a Ray actor handle).
+        out = asdict(replace(self, progress=None, fanout=None))
         out.pop("progress", None)
+        out.pop("fanout", None)
         return out
