@@ -9,11 +9,13 @@ be writing at once); `kiln cache verify` removes them once stale.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 TEMP_PREFIX = ".tmp-"
 
@@ -35,21 +37,22 @@ def temp_name() -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *,
-                       mode: int = FILE_MODE) -> None:
-    """Replace `path` with `data` atomically (file mode `mode`, private by default). On any
-    failure (ENOSPC, Ctrl-C included) the temporary file is removed, `path` is left as it was,
-    and the error is re-raised."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, mode: int = FILE_MODE) -> Iterator[BinaryIO]:
+    """Write `path` through the yielded binary file, atomically (file mode `mode`, private by
+    default): the bytes go to a temporary file in the same directory, which is flushed, fsynced
+    and renamed over `path` when the block ends. If the block (or the write) fails, Ctrl-C and
+    ENOSPC included, the temporary file is removed, `path` is left as it was, and the error is
+    re-raised."""
     path = Path(path)
     tmp = path.parent / temp_name()
     # O_EXCL: never reuse someone else's file; O_NOFOLLOW: never write through a planted link.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        try:
-            _write_all(fd, memoryview(data).cast("B"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         # BaseException too: a KeyboardInterrupt mid-write must not leave the temp file behind.
@@ -59,6 +62,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memory
             pass
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *,
+                       mode: int = FILE_MODE) -> None:
+    """Replace `path` with `data` atomically (see atomic_output)."""
+    with atomic_output(path, mode=mode) as f:
+        _write_all(f.fileno(), memoryview(data).cast("B"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

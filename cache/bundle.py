@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from kiln.cache.atomic import FILE_MODE, fsync_dir, temp_name
+from kiln.cache.atomic import FILE_MODE, atomic_output
 from kiln.cache.digest import digest_bytes, digest_file, key_from_factors, new_hasher
 from kiln.cache.errors import CacheError
 from kiln.cache.layout import (
     BLOBS, INDEX, INDEX_SCHEMA, KEY_FACTORS, REFS, check_graph_key, is_digest, is_key, rank_from_dir_name)
-from kiln.cache.permissions import open_existing_root, read_file_nofollow
+from kiln.cache.permissions import is_real_dir, listdir_or_empty, open_existing_root, read_file_nofollow
 from kiln.cache.records import parse_index, parse_ref
 
 KIND = "kiln-cache-bundle"
@@ -98,7 +98,7 @@ def export_bundle(root: str | os.PathLike | None, keys: list[str], output: str |
     if keys:
         chosen = list(dict.fromkeys(resolve_key(path, k) for k in keys))
     else:
-        chosen = [n for n in sorted(os.listdir(path)) if is_key(n) and _is_real_dir(path / n)]
+        chosen = [n for n in sorted(os.listdir(path)) if is_key(n) and is_real_dir(path / n)]
     if not chosen:
         raise CacheError(f"cache root {path} has no entries to export")
     entries = {key: _collect_entry(path / key) for key in chosen}
@@ -151,11 +151,11 @@ def _collect_entry(entry_dir: Path) -> list[_Member]:
             blobs[digest] = _Member(f"{BLOBS}/{digest}", st.st_size, digest, path=path)
         return blobs[digest]
 
-    for name in sorted(_listdir(entry_dir / BLOBS)):
+    for name in sorted(listdir_or_empty(entry_dir / BLOBS)):
         if is_digest(name):
             blob(name)
     records: list[_Member] = []
-    for name in sorted(_listdir(entry_dir / REFS)):
+    for name in sorted(listdir_or_empty(entry_dir / REFS)):
         rel = f"{REFS}/{name}"
         if not _is_member(rel):
             continue  # a temp file, or not kiln's
@@ -164,7 +164,7 @@ def _collect_entry(entry_dir: Path) -> list[_Member]:
         if blob(ref["digest"]).size != ref["size"]:
             raise CacheError(f"cache entry {key}: {rel} gives a size its blob does not have; run `kiln cache verify`")
         records.append(_Member(rel, len(raw), digest_bytes(raw), data=raw))
-    ranks = sorted(r for r in map(rank_from_dir_name, _listdir(entry_dir)) if r is not None)
+    ranks = sorted(r for r in map(rank_from_dir_name, listdir_or_empty(entry_dir)) if r is not None)
     for rank in ranks:
         rel = f"rank_{rank}/{INDEX}"
         if not os.path.lexists(entry_dir / rel):
@@ -208,13 +208,8 @@ def _write_tar(output: Path, manifest: bytes, signature: bytes | None, entries: 
     """The tar at `output`, whole or not at all (a temp file renamed into place)."""
     if output.is_dir():
         raise CacheError(f"output {output} is a directory; name the bundle file (e.g. {output / 'bundle.tar'})")
-    tmp = output.parent / temp_name()
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
-    except OSError as e:
-        raise CacheError(f"cannot write bundle {output}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(output) as f:
             # PAX: member names longer than ustar's 100 characters (a key plus a long graph key).
             with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 _add(tar, MANIFEST, manifest)
@@ -232,16 +227,8 @@ def _write_tar(output: Path, manifest: bytes, signature: bytes | None, entries: 
                             tar.addfile(_info(name, m.size), reader)
                         if reader.hexdigest() != m.digest:
                             raise CacheError(f"cache entry {key}: blob {m.digest} changed while it was exported")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(output.parent)
+    except OSError as e:
+        raise CacheError(f"cannot write bundle {output}: {e.strerror or e}") from None
 
 
 def _info(name: str, size: int) -> tarfile.TarInfo:
@@ -268,17 +255,3 @@ class _HashingReader:
 
     def hexdigest(self) -> str:
         return self.hasher.hexdigest()
-
-
-def _is_real_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return []

@@ -21,6 +21,7 @@ from typing import Any
 from kiln.cache.digest import key_from_factors
 from kiln.cache.errors import CacheError
 from kiln.cache.layout import BLOBS, KEY_FACTORS, LAST_USED, TRASH_PREFIX, is_digest, is_key, rank_from_dir_name
+from kiln.cache.permissions import is_real_dir, listdir_or_empty
 from kiln.cache.permissions import open_existing_root as open_root
 from kiln.cache.permissions import read_file_nofollow
 from kiln.cache.verify import VerifyReport, verify
@@ -79,7 +80,7 @@ class PruneReport:
 def list_entries(root: str | os.PathLike | None) -> list[EntryInfo]:
     """Every entry under the root, sorted by key."""
     path = open_root(root)
-    return [entry_info(path / name) for name in sorted(os.listdir(path)) if is_key(name) and _is_dir(path / name)]
+    return [entry_info(path / name) for name in sorted(os.listdir(path)) if is_key(name) and is_real_dir(path / name)]
 
 
 def entry_info(entry_dir: Path) -> EntryInfo:
@@ -87,8 +88,8 @@ def entry_info(entry_dir: Path) -> EntryInfo:
     created = _mtime(entry_dir / KEY_FACTORS)
     last_used = _mtime(entry_dir / LAST_USED) or created
     blobs_dir = entry_dir / BLOBS
-    blobs = sum(1 for n in _listdir(blobs_dir) if is_digest(n)) if _is_dir(blobs_dir) else 0
-    ranks = sorted(r for r in map(rank_from_dir_name, _listdir(entry_dir)) if r is not None)
+    blobs = sum(1 for n in listdir_or_empty(blobs_dir) if is_digest(n)) if is_real_dir(blobs_dir) else 0
+    ranks = sorted(r for r in map(rank_from_dir_name, listdir_or_empty(entry_dir)) if r is not None)
     return EntryInfo(entry_dir.name, entry_dir, dir_size(entry_dir), blobs, ranks, created, last_used)
 
 
@@ -165,7 +166,7 @@ def load_factors(root: str | os.PathLike | None, key: str) -> tuple[str, dict, b
 
 def resolve_key(root: Path, key: str) -> str:
     """`key` itself if it names an entry, else the one entry it is a prefix of; CacheError naming it otherwise."""
-    keys = [n for n in _listdir(root) if is_key(n) and _is_dir(root / n)]
+    keys = [n for n in listdir_or_empty(root) if is_key(n) and is_real_dir(root / n)]
     if key in keys:
         return key
     matches = [k for k in keys if key and k.startswith(key)]
@@ -258,7 +259,7 @@ def dir_size(path: Path) -> int:
 def _empty_trash(root: Path) -> None:
     # Leftovers of a prune that was killed mid-delete. A concurrent prune may be deleting the
     # same files, hence ignore_errors.
-    for name in _listdir(root):
+    for name in listdir_or_empty(root):
         if name.startswith(TRASH_PREFIX):
             shutil.rmtree(root / name, ignore_errors=True)
 
@@ -268,17 +269,3 @@ def _mtime(path: Path) -> float | None:
         return os.lstat(path).st_mtime
     except FileNotFoundError:
         return None
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return []

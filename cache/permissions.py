@@ -156,3 +156,20 @@ def read_file_nofollow(path: str | os.PathLike) -> bytes:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CacheError(f"cache file {path} is not a regular file")
         return f.read()
+
+
+def is_real_dir(path: str | os.PathLike) -> bool:
+    """A directory and not a symlink to one; False if it vanished meanwhile."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def listdir_or_empty(path: str | os.PathLike) -> list[str]:
+    """The names in directory `path`; [] if it is missing or not a directory (it may vanish
+    under a concurrent prune)."""
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -38,6 +38,7 @@ from kiln.cache.permissions import (
     check_root_safe,
     ensure_private_dir,
     is_not_writable_error,
+    is_real_dir,
     is_writable,
     read_file_nofollow,
     resolve_root,
@@ -103,7 +104,7 @@ class CacheStore:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if is_key(n) and _is_real_dir(self.root / n))
+        return sorted(n for n in names if is_key(n) and is_real_dir(self.root / n))
 
     def warn_read_only(self) -> None:
         """Log, once per store, that writes are being skipped."""
@@ -440,11 +441,3 @@ class CacheEntry:
                 error.strerror or error,
                 self.key,
             )
-
-
-def _is_real_dir(path: Path) -> bool:
-    """A directory and not a symlink to one; False if it vanished meanwhile."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return False

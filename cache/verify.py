@@ -27,7 +27,8 @@ from kiln.cache.atomic import FILE_MODE, atomic_write_bytes, atomic_write_json, 
 from kiln.cache.digest import digest_file, key_from_factors
 from kiln.cache.errors import CacheError, UnsafeCacheError
 from kiln.cache.layout import BLOBS, INDEX, KEY_FACTORS, LOCKS, QUARANTINE, REFS, is_digest, is_key, rank_from_dir_name
-from kiln.cache.permissions import check_dir_safe, ensure_private_dir, open_existing_root, read_file_nofollow
+from kiln.cache.permissions import (check_dir_safe, ensure_private_dir, listdir_or_empty, open_existing_root,
+                                    read_file_nofollow)
 from kiln.cache.quarantine import quarantine_file, quarantine_name
 from kiln.cache.records import make_index, parse_index, parse_ref
 
@@ -92,7 +93,7 @@ class _EntryVerifier:
             return
         self.report.entries += 1
         self._check_key_factors()
-        subdirs = [BLOBS, REFS, LOCKS, QUARANTINE] + [n for n in _listdir(self.dir) if rank_from_dir_name(n) is not None]
+        subdirs = [BLOBS, REFS, LOCKS, QUARANTINE] + [n for n in listdir_or_empty(self.dir) if rank_from_dir_name(n) is not None]
         real = {name for name in subdirs if self._is_real_subdir(self.dir / name)}
         self._remove_stale_temps(self.dir)
         if QUARANTINE in real:  # verify itself writes there (_drop_index_entries), atomically
@@ -161,7 +162,7 @@ class _EntryVerifier:
 
     def _check_blobs(self, blobs_dir: Path) -> None:
         self._remove_stale_temps(blobs_dir)
-        for name in sorted(_listdir(blobs_dir)):
+        for name in sorted(listdir_or_empty(blobs_dir)):
             if is_digest(name):  # else a temp file (handled above) or not ours: leave it
                 self._blob_size(name)
 
@@ -200,7 +201,7 @@ class _EntryVerifier:
 
     def _check_refs(self, refs_dir: Path) -> None:
         self._remove_stale_temps(refs_dir)
-        for name in sorted(_listdir(refs_dir)):
+        for name in sorted(listdir_or_empty(refs_dir)):
             if not name.endswith(".json") or is_temp_name(name):
                 continue
             path = refs_dir / name
@@ -282,7 +283,7 @@ class _EntryVerifier:
         self.report.quarantined.append((self._rel(path), reason))
 
     def _remove_stale_temps(self, directory: Path) -> None:
-        for name in _listdir(directory):
+        for name in listdir_or_empty(directory):
             if not is_temp_name(name):
                 continue
             path = directory / name
@@ -294,10 +295,3 @@ class _EntryVerifier:
                 pass  # its writer finished (renamed it) or gave up meanwhile
             except OSError as e:
                 self.report.problems.append(f"{self._rel(path)}: stale temporary file; could not remove it: {e}")
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return []

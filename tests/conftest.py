@@ -1,5 +1,6 @@
 """Suite-wide switches: CUDA tests skip without a GPU; slow tests run only when asked (-m slow);
-Hypothesis keeps nothing in the source tree (tests/hygiene.py)."""
+Hypothesis keeps nothing in the source tree (tests/hygiene.py). And the one local Ray cluster
+fixture (127.0.0.1, 4 CPUs) that a test module shares."""
 
 from __future__ import annotations
 
@@ -26,3 +27,17 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_unconfigure(config):
     remove(_HYPOTHESIS_HOME)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One embedded Ray cluster for the module (start/stop costs seconds), on loopback."""
+    import ray
+
+    from kiln.orchestrator.cluster import connect
+
+    if ray.is_initialized():
+        ray.shutdown()
+    connect(None, num_cpus=4)
+    yield
+    ray.shutdown()

@@ -140,16 +140,3 @@ def distinct_pieces(layers: int) -> int:
     the first attention), the middle ones (one layer's tail and the next one's head, identical)
     and the last (up to the logits)."""
     return min(layers + 1, 3)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from kiln.orchestrator.cluster import connect
-
-    if ray.is_initialized():
-        ray.shutdown()
-    connect(None, num_cpus=4)
-    yield
-    ray.shutdown()
