@@ -14,7 +14,7 @@ import sys
 import click
 
 from kiln.orchestrator.cli_config import InvalidConfig, _resolve
-from kiln.orchestrator.cli_warmup import _parse_kwargs, _parse_sizes
+from kiln.orchestrator.cli_warmup import run_options
 from kiln.orchestrator.text import INSTALL_HINT, TokenizerError, load_codec, tokenizer_path, tokenizers_available
 
 
@@ -61,17 +61,7 @@ def _codec(model: str, explicit: str | None, texts: tuple[str, ...]):
               help="Tokens to generate per prompt (greedy).")
 @click.option("--tokenizer", "tokenizer_file", type=click.Path(dir_okay=False),
               help="tokenizer.json to use (default: MODEL/tokenizer.json when MODEL is a directory).")
-@click.option("--tp", "tp_size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Tensor-parallel size: one worker (GPU or CPU bundle) per rank.")
-@click.option("--sizes", callback=_parse_sizes, help="Batch sizes to compile and capture, e.g. 1,2,4,8.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="CompilationConfig JSON file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (repeatable).")
-@click.option("--model-arg", "model_kwargs", multiple=True, callback=_parse_kwargs, metavar="NAME=VALUE",
-              help="Keyword argument for the model factory (repeatable), e.g. layers=4.")
-@click.option("--cache-root", type=click.Path(file_okay=False), help="Cache root ($KILN_CACHE_ROOT or ~/.cache/kiln).")
-@click.option("--address", default=None, help="Ray cluster to attach to ('auto' or host:port); default: embedded.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of an embedded cluster.")
+@run_options
 @click.option("--quiet", is_flag=True, help="No live progress, no timings.")
 def generate_command(model, texts, id_prompts, max_new_tokens, tokenizer_file, tp_size, sizes, config_file,
                      overrides, model_kwargs, cache_root, address, device, num_cpus, quiet) -> None:

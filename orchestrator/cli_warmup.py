@@ -65,24 +65,36 @@ def _write_outputs(report: RunReport, report_path: str | None, trace_path: str |
             click.echo(line.format(written))
 
 
+def run_options(command):
+    """The options every command that runs MODEL on a cluster takes (`warmup`, `generate`)."""
+    for option in reversed(_RUN_OPTIONS):
+        command = option(command)
+    return command
+
+
+_RUN_OPTIONS = [
+    click.option("--tp", "tp_size", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Tensor-parallel size: one worker (GPU or CPU bundle) per rank."),
+    click.option("--sizes", callback=_parse_sizes, help="Batch sizes to compile and capture, e.g. 1,2,4,8."),
+    click.option("--config", "config_file", type=click.Path(dir_okay=False), help="CompilationConfig JSON file."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (repeatable)."),
+    click.option("--model-arg", "model_kwargs", multiple=True, callback=_parse_kwargs, metavar="NAME=VALUE",
+                 help="Keyword argument for the model factory (repeatable), e.g. layers=4."),
+    click.option("--cache-root", type=click.Path(file_okay=False), help="Cache root ($KILN_CACHE_ROOT or ~/.cache/kiln)."),
+    click.option("--address", default=None, help="Ray cluster to attach to ('auto' or host:port); default: embedded."),
+    click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True),
+    click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of an embedded cluster."),
+]
+
+
 @click.command("warmup")
 @click.argument("model")
-@click.option("--tp", "tp_size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Tensor-parallel size: one worker (GPU or CPU bundle) per rank.")
-@click.option("--sizes", callback=_parse_sizes, help="Batch sizes to compile and capture, e.g. 1,2,4,8.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="CompilationConfig JSON file.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override (repeatable).")
-@click.option("--model-arg", "model_kwargs", multiple=True, callback=_parse_kwargs, metavar="NAME=VALUE",
-              help="Keyword argument for the model factory (repeatable), e.g. layers=4.")
+@run_options
 @click.option("--load-format", type=click.Choice(["auto", "dummy"]), default=None,
               help="Checkpoint directories: read the weights (auto) or draw random ones from config.json alone "
                    "(dummy; compiled artifacts do not depend on weight values). Same as --model-arg load_format=….")
-@click.option("--cache-root", type=click.Path(file_okay=False), help="Cache root ($KILN_CACHE_ROOT or ~/.cache/kiln).")
-@click.option("--address", default=None, help="Ray cluster to attach to ('auto' or host:port); default: embedded.")
 @click.option("--placement", type=click.Choice(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]),
               default="PACK", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--num-cpus", type=click.IntRange(min=1), default=None, help="CPUs of an embedded cluster.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Retry a failed warm-up this many times, reusing what the cache holds.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON run report here.")
