@@ -186,7 +186,8 @@ class Orchestrator:
         # Asked together: the actors start in parallel, and the port comes with rank 0's answer.
         port_ref = self.workers[0].free_port.remote()
         *self.nodes, port = self._gather([*(w.node_info.remote() for w in self.workers), port_ref], "start")
-        self.fanout = start_fanout(self.fanout_mode, self.fanout_lifetime, self.nodes, self.fanout_wait_s)
+        self.fanout = start_fanout(self.fanout_mode, self.fanout_lifetime, [n.node_id for n in self.nodes],
+                                   self.fanout_wait_s)
         self.orchestration["actors_ready"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()

@@ -58,11 +58,12 @@ def check_options(mode: str, lifetime: str, wait_s: float) -> None:
         raise ValueError(f"fanout_wait_s must be a non-negative number of seconds, got {wait_s!r}")
 
 
-def start_fanout(mode: str, lifetime: str, nodes: list[dict[str, Any]], wait_s: float) -> Fanout | None:
-    """The job's Fanout, or None when fan-out stays off (see the module docstring)."""
+def start_fanout(mode: str, lifetime: str, node_ids: list[str], wait_s: float) -> Fanout | None:
+    """The job's Fanout, or None when fan-out stays off (see the module docstring); `node_ids`:
+    the node of each rank."""
     if mode == "off":
         return None
-    create = mode == "on" or len({n.node_id for n in nodes}) > 1
+    create = mode == "on" or len(set(node_ids)) > 1
     registry, created = registry_actor(lifetime, create=create)
     if registry is None:
         return None

@@ -179,9 +179,9 @@ def test_lifetime_and_auto(ray_cluster):
     from kiln.orchestrator.fanout import start_fanout
     from kiln.orchestrator.registry import NAMESPACE, REGISTRY_NAME
 
-    one_node = [{"node_id": "a"}, {"node_id": "a"}]
+    one_node = ["a", "a"]  # the node of each rank
     assert start_fanout("auto", "job", one_node, 600) is None, "a one-node job starts no registry"
-    assert start_fanout("off", "job", [{"node_id": "a"}, {"node_id": "b"}], 600) is None
+    assert start_fanout("off", "job", ["a", "b"], 600) is None
 
     kept = start_fanout("on", "cluster", one_node, 600)
     assert kept.created_here and kept.payload()["wait_s"] == 600
