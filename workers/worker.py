@@ -159,19 +159,23 @@ class KilnWorker:
 
         from kiln.cache import CacheStore
         from kiln.cache.permissions import resolve_root
+        from kiln.workers.compilation.record import Phase
         from kiln.workers.layers.custom_op import building_with
         from kiln.workers.models.spec import build_model
 
         p = self.payload
-        with self.record.phase("build_model", "build") as facts:
+        with self.record.phase("build_model", "build"):
             self.phase = "build_model"
             with building_with(self.config) as counts:
                 self.model = build_model(p.model, p.model_kwargs, tuple(p.search_dirs))
-            loaded = getattr(self.model, "loaded_bytes", None)
-            if loaded is not None:  # a checkpoint model: what this rank read, and how fast
-                facts["bytes"] = loaded
-                facts["gb_per_s"] = loaded / 1e9 / max(getattr(self.model, "load_seconds", 0.0), 1e-9)
         self.custom_op_counts = counts
+        loaded = getattr(self.model, "loaded_bytes", None)
+        if loaded:  # a checkpoint model: reading its slices is a phase of its own, the build's tail
+            build = self.record.phases[-1]
+            seconds = min(float(getattr(self.model, "load_seconds", 0.0)), build.seconds)
+            build.end, build.seconds = build.end - seconds, build.seconds - seconds
+            self.record.phases.append(Phase("load_weights", "build", build.end, build.end + seconds, seconds,
+                                            {"bytes": loaded, "gb_per_s": loaded / 1e9 / max(seconds, 1e-9)}))
 
         self.phase = "open_cache"
         node = ray.get_runtime_context().get_node_id()[:12]

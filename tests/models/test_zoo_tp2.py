@@ -39,7 +39,7 @@ def test_tp2_matches_transformers(name, checkpoints, ray_cluster, tmp_path):
     # Each rank read only its slices: about half the checkpoint (norms, and the single KV head
     # of llama2, are replicated).
     total = sum(os.path.getsize(f) for f in tiny.path.glob("*.safetensors"))
-    loaded = [_phase(r, "build_model")["extra"] for r in report.ranks]
+    loaded = [_phase(r, "load_weights")["extra"] for r in report.ranks]
     assert all(0 < facts["bytes"] < 0.75 * total and facts["gb_per_s"] > 0 for facts in loaded)
 
 
@@ -61,7 +61,7 @@ def test_cli_warmup_compiles_identical_layers_once(checkpoints, ray_cluster, tmp
     for r in ranks:
         assert r["pieces_compiled"] == tiny.layers + 1 and r["unique_pieces"] == 3
         assert r["pieces_splitting"] == tiny.layers
-        assert _phase(r, "build_model")["extra"]["bytes"] > 0
+        assert _phase(r, "load_weights")["extra"]["bytes"] > 0
 
     # The driver API on the same directory and cache: nothing compiled again, and the compiled
     # TP=2 model (masked embedding, all-gathered head, replicated KV head) matches transformers.
@@ -87,7 +87,9 @@ def test_cli_warmup_with_dummy_weights(checkpoints, ray_cluster, tmp_path):
     result = CliRunner().invoke(main, [*args, "--load-format", "dummy"])
     assert result.exit_code == 0, result.output
     ranks = json.loads(report_path.read_text())["ranks"]
-    assert len(ranks) == 2 and all(_phase(r, "build_model")["extra"]["bytes"] == 0 for r in ranks)
+    # Nothing read: a build phase, and no weight-loading phase.
+    assert len(ranks) == 2 and all(not any(p["name"] == "load_weights" for p in r["phases"]) for r in ranks)
+    assert all(_phase(r, "build_model")["kind"] == "build" for r in ranks)
 
 
 def test_truncated_checkpoint_fails_in_build_before_any_compile(checkpoints, ray_cluster, tmp_path):
