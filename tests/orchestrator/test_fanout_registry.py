@@ -194,8 +194,10 @@ def test_lifetime_and_auto(ray_cluster):
 
     job = start_fanout("on", "job", one_node, 600)
     job.teardown([])  # a job-lifetime registry goes with the job that started it
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(job.registry.stats.remote(), timeout=30)
+    with pytest.raises(ray.exceptions.RayActorError):  # ray.kill returns at once: poll for the death
+        for _ in range(600):
+            ray.get(job.registry.stats.remote(), timeout=30)
+            time.sleep(0.1)
 
     for bad in ({"fanout": "yes"}, {"fanout_lifetime": "forever"}, {"fanout_wait_s": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):

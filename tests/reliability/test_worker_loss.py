@@ -79,14 +79,14 @@ def test_lost_node_names_its_ranks_and_a_retry_compiles_only_what_is_missing(two
 
     error = outcome.get("error")
     assert isinstance(error, WarmupError), outcome
-    lost = {n["rank"] for n in outcome["orch"].nodes if victim.node_id.startswith(n["node_id"])}
+    lost = {n.rank for n in outcome["orch"].nodes if victim.node_id.startswith(n.node_id)}
     assert lost, "no rank was placed on the removed node"
     named = {f["rank"] for f in error.failures}
     assert lost <= named, f"lost ranks {lost}, error names {error.failures}"
     assert all("died" in f["cause"] or "lost" in f["cause"] for f in error.failures if f["rank"] in lost)
 
     # What the failed run left: counted once none of its workers can publish any more.
-    pids = [n["pid"] for n in outcome["orch"].nodes]
+    pids = [n.pid for n in outcome["orch"].nodes]
     deadline = time.monotonic() + 120
     while not all(gone(pid) for pid in pids):
         assert time.monotonic() < deadline, f"workers {pids} of the failed run still run"
