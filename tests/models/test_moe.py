@@ -53,6 +53,8 @@ def make_hf_model(name: str) -> torch.nn.Module:
     family, overrides = CASES[name]
     config = getattr(transformers, f"{family}Config")(**{**SMALL, **overrides})
     config._attn_implementation = "eager"
+    # transformers' own loop over experts, not its grouped-matmul path (which kiln's CUDA path shares)
+    config._experts_implementation = "eager"
     torch.manual_seed(len(name))
     model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():  # O(1) activations and decisive routing (no near-ties between experts)

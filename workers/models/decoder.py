@@ -4,8 +4,9 @@ experts Mixtral and Qwen3-MoE), tensor-parallel per rank.
 One implementation with flags from `HFConfig`: QKV bias (Qwen2; Llama/Qwen3 when
 `attention_bias`), per-head q/k RMSNorm before rotary (Qwen3, Qwen3-MoE), rope scaling (Llama 3.x),
 tied embeddings (Llama 3.2, small Qwen), MoE blocks in place of the MLP (Mixtral: every layer;
-Qwen3-MoE: the layers its config makes sparse, dense MLPs elsewhere). Parameter names follow the checkpoints' so that each
-layer can say which checkpoint slices it holds (`weight_slices()`, read by the loader).
+Qwen3-MoE: the layers its config makes sparse, dense MLPs elsewhere). Parameter names follow the
+checkpoints' so that each layer can say which checkpoint slices it holds (`weight_slices()`, read
+by the loader).
 
 Tokens come flattened, as in the example model: a batch of N tokens carries, per token, its id,
 its position in its sequence and the KV-cache slot of that sequence.

@@ -6,8 +6,9 @@ rank reads only its slices of the checkpoint (`load_format="auto"`), or it draws
 on its device (`load_format="dummy"`: config.json alone is enough, for warm-ups and benchmarks;
 compiled artifacts do not depend on weight values). Mixture-of-experts checkpoints may store
 experts one tensor per expert (published checkpoints, transformers' save_pretrained) or fused
-(transformers 5's in-memory `experts.gate_up_proj`); the tensor names say which. Every check (config, files, tensor names,
-shapes, dtypes) runs before anything is compiled: the worker builds the model first.
+(transformers 5's in-memory `experts.gate_up_proj`); the tensor names say which. Every check
+(config, files, tensor names, shapes, dtypes) runs before anything is compiled: the worker builds
+the model first.
 
 Model args (`--model-arg NAME=VALUE`, `Orchestrator(model_kwargs=...)`):
 - `load_format`: "auto" (read the checkpoint) or "dummy" (random weights).
