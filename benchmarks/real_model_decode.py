@@ -163,6 +163,26 @@ def run_warmup_cli(args, out: dict) -> None:
 # ---- transformers ---------------------------------------------------------------------------
 
 
+def generate_step_ms(model, prompt: torch.Tensor, short: int, long: int, **kwargs) -> float:
+    """ms per decode step of greedy `generate`: the difference of a long and a short generate over
+    the difference of their token counts (prefill and compile cancel out); the first call compiles
+    (static cache) and warms up."""
+
+    def generate(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    generate(long)
+    generate(short)
+    t_short = min(generate(short) for _ in range(2))
+    t_long = min(generate(long) for _ in range(2))
+    return (t_long - t_short) / (long - short) * 1e3
+
+
 def run_transformers(args, out: dict) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -178,21 +198,8 @@ def run_transformers(args, out: dict) -> None:
                           ("hf_eager_ms", {"disable_compile": True})):
         for b in BATCHES:
             prompt = torch.randint(0, 1000, (b, args.context), device="cuda")
-
-            def generate(n: int) -> float:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
-                torch.cuda.synchronize()
-                return time.perf_counter() - t0
-
             try:
-                generate(long)  # compiles (static) and warms up
-                generate(short)
-                t_short = min(generate(short) for _ in range(2))
-                t_long = min(generate(long) for _ in range(2))
-                rows[b][label] = (t_long - t_short) / (long - short) * 1e3
+                rows[b][label] = generate_step_ms(model, prompt, short, long, **kwargs)
             except Exception as exc:  # noqa: BLE001 - report what failed, keep the other rows
                 rows[b][label] = None
                 out.setdefault("errors", []).append(f"{label} b={b}: {type(exc).__name__}: {exc}"[:500])

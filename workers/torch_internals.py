@@ -1,7 +1,8 @@
 """The one seam between kiln and torch's private APIs (Dynamo, Inductor, guards, functorch, pytree).
 
 kiln reaches into torch where no public API does what it needs: binding a traced graph's inputs,
-compiling a piece with Inductor into a relocatable artifact, loading one without a compiler run.
+compiling a piece with Inductor into a relocatable artifact, loading one without a compiler run,
+the grouped matmul of mixture-of-experts layers.
 Every such use goes through this module, so a torch upgrade is checked in one place:
 `PRIVATE_SYMBOLS` lists each private name kiln relies on, and tests/test_torch_internals.py
 imports every one of them. kiln is tested on the torch releases in `TESTED_TORCH` and refuses
@@ -57,6 +58,7 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch._inductor.config", "save_config_portable"),
     ("torch._inductor.custom_graph_pass", "CustomGraphPass"),
     ("torch._functorch", "config"),
+    ("torch", "_grouped_mm"),
 )
 
 # Present in some builds only; each use has a fallback.
@@ -134,6 +136,41 @@ def python_dispatcher() -> contextlib.AbstractContextManager:
     from torch._dispatch.python import enable_python_dispatcher
 
     return enable_python_dispatcher()
+
+
+# ---- Kernels ------------------------------------------------------------------------------------
+
+GROUPED_MM_SINCE = (2, 11)
+"""The first torch whose `torch._grouped_mm` kiln relies on (signature and int32 offsets)."""
+GROUPED_MM_FAST_CAPABILITIES = (9, 10)
+"""CUDA compute capability majors (sm90, sm100) where torch runs `_grouped_mm` in bf16 as one
+kernel that reads the offsets on the device; elsewhere it falls back to a loop that copies the
+offsets to the host (a sync, which a CUDA graph cannot capture)."""
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[g-1]..offs[g] of `a` [M, K] times b[g] ([G, K, N], column-major in its last two
+    dimensions) for every group g: [M, N]. `offs` [G] int32 on a's device, cumulative row counts
+    (offs[-1] == M); a group may be empty."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def grouped_mm_available() -> bool:
+    return _minor(torch.__version__) >= GROUPED_MM_SINCE and hasattr(torch, "_grouped_mm")
+
+
+_FAST_DEVICES: dict[int, bool] = {}
+
+
+def grouped_mm_fast(x: torch.Tensor) -> bool:
+    """Whether `grouped_mm` runs on x's device and dtype as one kernel without a host sync
+    (CUDA sm90/sm100, bfloat16, a torch that has it)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_available()):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _FAST_DEVICES:
+        _FAST_DEVICES[index] = torch.cuda.get_device_capability(index)[0] in GROUPED_MM_FAST_CAPABILITIES
+    return _FAST_DEVICES[index]
 
 
 # ---- Inductor -----------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_unknown_architecture_refused_before_any_worker(checkpoints, tmp_path):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
     expected = (r"architecture 'GPT2LMHeadModel' is not supported; kiln supports LlamaForCausalLM, "
-                r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")
+                r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM")
     with pytest.raises(ModelSpecError, match=expected):
         parse_model_spec(str(path))
     with pytest.raises(ValueError, match=expected):  # the driver checks at construction

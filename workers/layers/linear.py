@@ -6,6 +6,8 @@
   ranks, KV heads are replicated: each rank holds the one KV head its query heads use.
 - `RowParallelLinear`: y = all_reduce(x_r W_r^T) (+ b), W_r this rank's block of input
   columns; the bias is added once, after the sum.
+- `ReplicatedLinear`: y = x W^T with the whole matrix on every rank (a MoE router: every rank
+  must route every token alike).
 
 Ranks differ only in which checkpoint slices they hold (`weight_slices()`); shapes and traced
 code are the same on every rank, so identical layers and ranks share compiled artifacts.
@@ -139,3 +141,18 @@ class RowParallelLinear(nn.Module):
         yield self.weight, WeightSlice(f"{self.source}.weight", shape, 1, self.in_start, self.in_length)
         if self.bias is not None:
             yield self.bias, WeightSlice.whole(f"{self.source}.bias", (self.out_features,))
+
+
+class ReplicatedLinear(nn.Module):
+    """x [N, in] -> [N, out], the same full weight on every rank (no communication)."""
+
+    def __init__(self, in_features: int, out_features: int, source: str, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.source = source
+        self.weight = empty_parameter((out_features, in_features), dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)  # [N, out]
+
+    def weight_slices(self) -> Iterator[Placed]:
+        yield self.weight, WeightSlice.whole(f"{self.source}.weight", tuple(self.weight.shape))

@@ -30,10 +30,14 @@ class WeightSlice:
     start: int
     length: int
     offset: int = 0
+    index: int | None = None
+    """For a stacked parameter (one entry per expert, [E, ...]): the entry this slice fills, whose
+    dimensions are then the checkpoint tensor's; None: the parameter itself."""
 
     def __post_init__(self) -> None:
         assert 0 <= self.dim < len(self.full_shape), self
         assert 0 <= self.start and self.length >= 0 and self.start + self.length <= self.full_shape[self.dim], self
+        assert self.index is None or self.index >= 0, self
 
     @classmethod
     def whole(cls, source: str, shape: tuple[int, ...]) -> WeightSlice:
@@ -45,7 +49,8 @@ class WeightSlice:
 
     def destination(self, param: torch.Tensor) -> torch.Tensor:
         """The view of `param` this slice fills."""
-        return param.narrow(self.dim, self.offset, self.length)
+        target = param if self.index is None else param[self.index]
+        return target.narrow(self.dim, self.offset, self.length)
 
 
 Placed = tuple[nn.Parameter, WeightSlice]

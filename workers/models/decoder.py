@@ -1,9 +1,12 @@
-"""kiln's decoder for the Llama family (Llama 2/3.x, Mistral, Qwen2, Qwen3), tensor-parallel per rank.
+"""kiln's decoder for the Llama family (Llama 2/3.x, Mistral, Qwen2, Qwen3, and the mixtures of
+experts Mixtral and Qwen3-MoE), tensor-parallel per rank.
 
 One implementation with flags from `HFConfig`: QKV bias (Qwen2; Llama/Qwen3 when
-`attention_bias`), per-head q/k RMSNorm before rotary (Qwen3), rope scaling (Llama 3.x),
-tied embeddings (Llama 3.2, small Qwen). Parameter names follow the checkpoints' so that each
-layer can say which checkpoint slices it holds (`weight_slices()`, read by the loader).
+`attention_bias`), per-head q/k RMSNorm before rotary (Qwen3, Qwen3-MoE), rope scaling (Llama 3.x),
+tied embeddings (Llama 3.2, small Qwen), MoE blocks in place of the MLP (Mixtral: every layer;
+Qwen3-MoE: the layers its config makes sparse, dense MLPs elsewhere). Parameter names follow the
+checkpoints' so that each layer can say which checkpoint slices it holds (`weight_slices()`, read
+by the loader).
 
 Tokens come flattened, as in the example model: a batch of N tokens carries, per token, its id,
 its position in its sequence and the KV-cache slot of that sequence.
@@ -12,6 +15,7 @@ its position in its sequence and the KV-cache slot of that sequence.
                                   → kiln::attention (KV cache) → O (row-parallel) + all_reduce → residual
                                   → RMSNorm → gate/up (column-parallel) → SiLU-and-mul
                                   → down (row-parallel) + all_reduce → residual]
+                                  (MoE layers: → RMSNorm → SparseMoE + all_reduce → residual)
           → RMSNorm → LM head (vocab-parallel, all-gathered: full logits on every rank)
 
 Layers are built alike and hold no layer index or rank in anything forward() reads, so the
@@ -30,6 +34,7 @@ from kiln.workers.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from kiln.workers.layers.attention import attention  # noqa: F401  (registers kiln::attention)
 from kiln.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kiln.workers.layers.linear import QKVParallelLinear, RowParallelLinear, merged_column_parallel
+from kiln.workers.layers.moe import ExpertWeights, SparseMoE
 from kiln.workers.layers.parallel_state import tp_world_size
 from kiln.workers.layers.shards import Placed, WeightSlice, split_evenly
 from kiln.workers.models.hf_config import HFConfig
@@ -47,6 +52,10 @@ class RuntimeArgs:
     max_seq_len: int
     """Positions per KV-cache slot (prompt + generated tokens)."""
     vocab: int
+    expert_layout: str = "per_expert"
+    """How the checkpoint stores MoE experts: "per_expert" (one tensor per expert and matrix, as
+    published checkpoints and transformers' save_pretrained have them) or "fused" (transformers
+    5's `experts.gate_up_proj` / `experts.down_proj`); the loader picks it from the tensor names."""
 
 
 def _norm(hidden: int, eps: float, source: str, args: RuntimeArgs) -> RMSNorm:
@@ -113,6 +122,18 @@ class MLP(nn.Module):
         return self.down(self.act(self.gate_up(x)))  # [N, hidden]
 
 
+def _moe(cfg: HFConfig, prefix: str, args: RuntimeArgs) -> SparseMoE:
+    moe = cfg.moe
+    assert moe is not None and args.expert_layout in ("per_expert", "fused"), args.expert_layout
+    if args.expert_layout == "fused":  # transformers 5 calls every family's block "mlp"
+        weights = ExpertWeights.fused_layout(f"{prefix}.mlp")
+    else:
+        weights = ExpertWeights.per_expert(f"{prefix}.{moe.family.block}", *moe.family.expert_weights)
+    return SparseMoE(cfg.hidden_size, moe.intermediate_size, moe.num_experts, moe.top_k,
+                     softmax_first=moe.family.softmax_first, renormalize=moe.renormalize, weights=weights,
+                     dtype=args.dtype, device=args.device)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: HFConfig, i: int, rotary: RotaryEmbedding, args: RuntimeArgs):
         super().__init__()
@@ -121,7 +142,8 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, f"{prefix}.self_attn", rotary, args)
         self.post_attn_norm = _norm(cfg.hidden_size, cfg.rms_norm_eps,
                                     f"{prefix}.post_attention_layernorm.weight", args)
-        self.mlp = MLP(cfg, f"{prefix}.mlp", args)
+        self.mlp = _moe(cfg, prefix, args) if cfg.moe is not None and cfg.moe.sparse_layers[i] else \
+            MLP(cfg, f"{prefix}.mlp", args)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.input_norm(x), positions, seq_ids)

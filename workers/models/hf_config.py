@@ -2,8 +2,8 @@
 
 Both spellings that checkpoints carry are understood: transformers 4's `rope_theta` +
 `rope_scaling` and `torch_dtype`, and transformers 5's `rope_parameters` and `dtype`. The
-architecture (`architectures[0]`) picks the per-family flags (QKV bias, q/k norm, sliding window);
-anything else is refused naming the supported ones.
+architecture (`architectures[0]`) picks the per-family flags (QKV bias, q/k norm, sliding window,
+mixture of experts); anything else is refused naming the supported ones.
 """
 
 from __future__ import annotations
@@ -30,6 +30,47 @@ class ArchitectureFlags:
     """Key that switches the sliding window on (Qwen2/3: `use_sliding_window`); None: the
     window applies whenever `sliding_window` is set (Mistral) or never (Llama)."""
     has_sliding_window: bool = False
+    moe: MoEFamily | None = None
+    """Mixture-of-experts MLPs, and how this family spells them; None: dense MLPs only."""
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """How a mixture-of-experts family names and routes its experts."""
+
+    intermediate_key: str
+    """Config key of each expert's intermediate size."""
+    softmax_first: bool
+    """Routing: softmax over all experts, then the top k (Qwen3-MoE); else the top k logits,
+    then a softmax over them (Mixtral)."""
+    block: str
+    """Checkpoint name of a layer's MoE block in the per-expert layout ("block_sparse_moe")."""
+    expert_weights: tuple[str, str, str]
+    """Per-expert tensor names of the gate, up and down matrices ("w1", "w3", "w2")."""
+    has_dense_layers: bool
+    """Layers may be dense MLPs instead (`mlp_only_layers`, `decoder_sparse_step`)."""
+
+
+MIXTRAL = MoEFamily("intermediate_size", False, "block_sparse_moe", ("w1", "w3", "w2"), False)
+QWEN3_MOE = MoEFamily("moe_intermediate_size", True, "mlp", ("gate_proj", "up_proj", "down_proj"), True)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A checkpoint's mixture-of-experts facts."""
+
+    num_experts: int
+    top_k: int
+    """Experts per token (`num_experts_per_tok`)."""
+    intermediate_size: int
+    """Each expert's intermediate size (Mixtral: `intermediate_size`; Qwen3-MoE:
+    `moe_intermediate_size`, while `intermediate_size` is the dense layers')."""
+    renormalize: bool
+    """Qwen3-MoE's `norm_topk_prob`: the top-k weights are divided by their sum (Mixtral's are
+    a softmax over the top k, normalized anyway)."""
+    sparse_layers: tuple[bool, ...]
+    """Per layer: a MoE block (True) or a dense MLP (False)."""
+    family: MoEFamily
 
 
 ARCHITECTURES: dict[str, ArchitectureFlags] = {
@@ -38,6 +79,9 @@ ARCHITECTURES: dict[str, ArchitectureFlags] = {
     "Qwen2ForCausalLM": ArchitectureFlags(True, False, False, "use_sliding_window", has_sliding_window=True),
     "Qwen3ForCausalLM": ArchitectureFlags("attention_bias", "attention_bias", True, "use_sliding_window",
                                           has_sliding_window=True),
+    "MixtralForCausalLM": ArchitectureFlags(False, False, False, None, has_sliding_window=True, moe=MIXTRAL),
+    "Qwen3MoeForCausalLM": ArchitectureFlags("attention_bias", "attention_bias", True, "use_sliding_window",
+                                             has_sliding_window=True, moe=QWEN3_MOE),
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -75,6 +119,8 @@ class HFConfig:
     """The dtype the config names (`torch_dtype` or `dtype`), e.g. "bfloat16"; None if absent."""
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    moe: MoEConfig | None = None
+    """Mixture-of-experts facts (Mixtral, Qwen3-MoE); None for dense models."""
 
 
 def config_path(checkpoint_dir: str) -> str:
@@ -119,13 +165,14 @@ def parse_hf_config(raw: dict[str, Any], path: str = "config.json") -> HFConfig:
                           "and no head_dim is given")
     theta, scaling = _rope(raw, path)
     mpe = raw.get("max_position_embeddings") or 2048
+    layers = need("num_hidden_layers")
     return HFConfig(
         path=path,
         architecture=arch,
         vocab_size=need("vocab_size"),
         hidden_size=hidden,
         intermediate_size=need("intermediate_size"),
-        num_hidden_layers=need("num_hidden_layers"),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=raw.get("num_key_value_heads") or heads,
         head_dim=int(head_dim),
@@ -142,7 +189,30 @@ def parse_hf_config(raw: dict[str, Any], path: str = "config.json") -> HFConfig:
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         eos_token_ids=_ids(raw.get("eos_token_id")),
         bos_token_id=raw.get("bos_token_id"),
+        moe=_moe(flags.moe, raw, layers, need, path) if flags.moe is not None else None,
     )
+
+
+def _moe(family: MoEFamily, raw: dict[str, Any], layers: int, need, path: str) -> MoEConfig:
+    # transformers 5 saves Qwen3-MoE's expert count as num_local_experts (Mixtral's key);
+    # published Qwen3-MoE checkpoints say num_experts.
+    key = "num_experts" if raw.get("num_experts") is not None else "num_local_experts"
+    experts, top_k = need(key), need("num_experts_per_tok")
+    if top_k > experts:
+        raise ConfigError(f"{path}: num_experts_per_tok {top_k} exceeds the {experts} experts ({key})")
+    sparse = [True] * layers
+    if family.has_dense_layers:
+        only = raw.get("mlp_only_layers") or []
+        step = raw.get("decoder_sparse_step", 1)
+        if not isinstance(only, list) or not all(isinstance(i, int) and 0 <= i < layers for i in only):
+            raise ConfigError(f"{path}: 'mlp_only_layers' must list layer indices 0..{layers - 1}, got {only!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+            raise ConfigError(f"{path}: 'decoder_sparse_step' must be a positive integer, got {step!r}")
+        # transformers' rule: a layer is sparse unless listed, and only every step-th one
+        sparse = [i not in only and (i + 1) % step == 0 for i in range(layers)]
+    return MoEConfig(num_experts=experts, top_k=top_k, intermediate_size=need(family.intermediate_key),
+                     renormalize=bool(raw.get("norm_topk_prob", False)), sparse_layers=tuple(sparse),
+                     family=family)
 
 
 def _architecture(raw: dict[str, Any], path: str) -> str:

@@ -4,8 +4,11 @@
 tensor-parallel slice with empty parameters straight on the rank's device; then either the
 rank reads only its slices of the checkpoint (`load_format="auto"`), or it draws random weights
 on its device (`load_format="dummy"`: config.json alone is enough, for warm-ups and benchmarks;
-compiled artifacts do not depend on weight values). Every check (config, files, tensor names,
-shapes, dtypes) runs before anything is compiled: the worker builds the model first.
+compiled artifacts do not depend on weight values). Mixture-of-experts checkpoints may store
+experts one tensor per expert (published checkpoints, transformers' save_pretrained) or fused
+(transformers 5's in-memory `experts.gate_up_proj`); the tensor names say which. Every check
+(config, files, tensor names, shapes, dtypes) runs before anything is compiled: the worker builds
+the model first.
 
 Model args (`--model-arg NAME=VALUE`, `Orchestrator(model_kwargs=...)`):
 - `load_format`: "auto" (read the checkpoint) or "dummy" (random weights).
@@ -49,7 +52,8 @@ def build(checkpoint: str, *, load_format: str = "auto", dtype: str | torch.dtyp
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     args = RuntimeArgs(dtype=_dtype(dtype, cfg, ckpt), device=dev, max_seqs=max_seqs,
-                       max_seq_len=_max_seq_len(max_seq_len, cfg), vocab=cfg.vocab_size)
+                       max_seq_len=_max_seq_len(max_seq_len, cfg), vocab=cfg.vocab_size,
+                       expert_layout=expert_layout(ckpt))
     with torch.no_grad():
         model = CausalLM(cfg, args).eval()
         plan = list(iter_placed(model))
@@ -60,6 +64,17 @@ def build(checkpoint: str, *, load_format: str = "auto", dtype: str | torch.dtyp
         else:
             dummy_init(plan, seed, dev)
     return model
+
+
+FUSED_EXPERTS_SUFFIX = ".experts.gate_up_proj"
+
+
+def expert_layout(ckpt: Checkpoint | None) -> str:
+    """ "fused" when the checkpoint holds transformers 5's fused expert tensors, else "per_expert";
+    dummy weights use the fused layout (three slices per layer to draw, not three per expert)."""
+    if ckpt is None:
+        return "fused"
+    return "fused" if any(name.endswith(FUSED_EXPERTS_SUFFIX) for name in ckpt.tensors) else "per_expert"
 
 
 def _dtype(requested: str | torch.dtype | None, cfg: HFConfig, ckpt: Checkpoint | None) -> torch.dtype:

@@ -1,0 +1,338 @@
+"""Decode-step latency of a mixture-of-experts model: kiln beside transformers, against the floor.
+
+    python benchmarks/moe_decode.py --part kiln --out DIR          # kiln, routing, the floors
+    python benchmarks/moe_decode.py --part transformers --out DIR  # transformers static + eager
+    python benchmarks/moe_decode.py --part warmup --out DIR        # cold and warm `kiln warmup`
+    python benchmarks/moe_decode.py --combine DIR                  # one table from the parts
+
+Qwen3-30B-A3B's architecture (its published config values: 48 layers, 128 experts of which 8 per
+token, expert intermediate 768, hidden 2048, 32 query / 4 KV heads of 128), dummy weights
+(~61 GB in bf16, drawn on the GPU), bf16, TP=1, one GPU. Each variant decodes one token per
+sequence at `--context` tokens of context, batch 1/8/64:
+- kiln: the zoo model through KilnModel, FULL_AND_PIECEWISE (decode steps replay one full CUDA
+  graph; experts through kiln::moe_experts' grouped matmuls);
+- routing: the distinct experts a decode step touches per layer (measured with the same weights
+  and inputs; at most min(128, 8·batch)), which set the active weight bytes;
+- floor: the step's weight matmuls alone in one CUDA graph: every layer's QKV, O and router, the
+  active experts' gate/up and down (batched matmuls over that many experts, the step's k·batch
+  rows spread evenly) and the LM head; and the dense part alone (everything but the experts);
+- transformers: greedy `generate` with its static cache (which it compiles itself) and eagerly
+  with its dynamic cache, its default experts implementation (grouped_mm where torch has it);
+- warmup: a cold and a warm `kiln warmup` of the model with its per-phase table.
+Achieved bandwidth: the active weight bytes of a step over its time. Each part fits one 10-minute
+device command (--batches and --hf-variants run a subset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import machine, median_ms, print_table  # noqa: E402
+from benchmarks.real_model_decode import generate_step_ms  # noqa: E402
+
+# Qwen3-30B-A3B's published config.json values (weights are drawn, not loaded).
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+    "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
+    "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
+    "sliding_window": None, "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645,
+}
+BATCHES = (1, 8, 64)
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def write_checkpoint_dir(root: str) -> str:
+    path = os.path.join(root, "qwen3-30b-a3b-config")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(QWEN3_30B_A3B, f, indent=2)
+    return path
+
+
+def dense_bytes(cfg: dict) -> int:
+    """bf16 bytes of the weights every decode step multiplies by: attention, routers, LM head."""
+    h, layers, v, e = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["num_experts"]
+    d, hq, hkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    return 2 * (layers * (h * (hq + 2 * hkv) * d + hq * d * h + e * h) + v * h)
+
+
+def expert_bytes(cfg: dict, experts_per_layer: float) -> float:
+    """bf16 bytes of `experts_per_layer` experts' gate, up and down matrices in every layer."""
+    return 2 * cfg["num_hidden_layers"] * experts_per_layer * 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
+
+
+def decode_batch(b: int, context: int) -> tuple[torch.Tensor, ...]:
+    ids = (torch.arange(b, device="cuda") * 7919) % 150000  # distinct tokens: distinct routes
+    return ids, torch.full((b,), context, device="cuda"), torch.arange(b, device="cuda")
+
+
+# ---- kiln ------------------------------------------------------------------------------------
+
+
+def measure_routing(model, args) -> dict[int, dict]:
+    """Distinct experts per layer that a decode step of each batch touches (eager forward, the
+    same weights and inputs as kiln's step)."""
+    from kiln.workers.layers.moe import SparseMoE
+
+    top_k = QWEN3_30B_A3B["num_experts_per_tok"]
+    seen: list[int] = []
+    hooks = [m.router.register_forward_hook(lambda mod, inp, logits: seen.append(
+        int(logits.topk(top_k, dim=-1).indices.unique().numel()))) for m in model.modules() if isinstance(m, SparseMoE)]
+    out = {}
+    with torch.no_grad():
+        for b in args.batches:
+            seen.clear()
+            model(*decode_batch(b, args.context))
+            bound = min(QWEN3_30B_A3B["num_experts"], top_k * b)
+            out[b] = {"mean": sum(seen) / len(seen), "max": max(seen), "bound": bound}
+    for hook in hooks:
+        hook.remove()
+    model.reset_cache()
+    return out
+
+
+def run_kiln(args, out: dict) -> None:
+    from kiln.cache import CacheStore
+    from kiln.workers.config import CompilationConfig
+    from kiln.workers.layers.custom_op import building_with
+    from kiln.workers.models.loader import build
+    from kiln.workers.runtime.kiln_model import KilnModel
+
+    ckpt = write_checkpoint_dir(args.work)
+    config = CompilationConfig(cudagraph_mode="FULL_AND_PIECEWISE", cudagraph_copy_inputs=True)
+    t0 = time.perf_counter()
+    with building_with(config):
+        model = build(ckpt, load_format="dummy", dtype="bfloat16", max_seqs=max(CAPTURE_SIZES),
+                      max_seq_len=args.context + 64)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    out["routing"] = measure_routing(model, args)
+    print("routing (distinct experts per layer):", out["routing"], flush=True)
+    kiln = KilnModel(model, config, store=CacheStore(os.path.join(args.work, "kiln-cache")))
+    t0 = time.perf_counter()
+    record = kiln.compile(list(CAPTURE_SIZES))
+    compile_s = time.perf_counter() - t0
+    out["kiln_setup"] = {"build_s": build_s, "compile_and_capture_s": compile_s, "unique_pieces": record.unique_pieces,
+                         "inductor_compiles": record.inductor_compiles, "cudagraphs": kiln.cudagraph_status}
+    print(out["kiln_setup"], flush=True)
+    rows = []
+    with torch.no_grad():
+        for b in args.batches:
+            inputs = decode_batch(b, args.context)
+            rows.append({"batch": b, "kiln_ms": median_ms(lambda: kiln(*inputs, decode=True), steps=args.steps)})
+            print(rows[-1], flush=True)
+        if args.profile:  # where a batch-1 step's GPU time goes: the replayed graph's kernels
+            inputs = decode_batch(1, args.context)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    kiln(*inputs, decode=True)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+            print(table, flush=True)
+            out["profile_b1"] = table
+    out["kiln"] = rows
+    del kiln, model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_floor(args, out: dict) -> None:
+    """The weight matmuls of one decode step alone, in one CUDA graph: with the active experts
+    (as many per layer as the routing measured) and without them (the dense part)."""
+    cfg = QWEN3_30B_A3B
+    h, d, layers = cfg["hidden_size"], cfg["head_dim"], cfg["num_hidden_layers"]
+    hq, hkv, v, e = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"], cfg["num_experts"]
+    inter, top_k = cfg["moe_intermediate_size"], cfg["num_experts_per_tok"]
+    routing = out["routing"]
+    active = {b: min(e, math.ceil(routing[b]["mean"])) for b in args.batches}
+    most = max(active.values())
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.bfloat16, device="cuda").normal_(0.0, 0.02)
+
+    dense = [(draw((hq + 2 * hkv) * d, h), draw(h, hq * d), draw(e, h)) for _ in range(layers)]
+    experts = [(draw(most, 2 * inter, h), draw(most, h, inter)) for _ in range(layers)]
+    lm_head = draw(v, h)
+    rows = []
+    for b in args.batches:
+        n = active[b]
+        r = math.ceil(top_k * b / n)  # rows per active expert: the step's k·b pairs, spread evenly
+        x_h, x_o = draw(b, h), draw(b, hq * d)
+        x_e, x_i = draw(n, r, h), draw(n, r, inter)
+        o_qkv, o_o, o_r = draw(b, (hq + 2 * hkv) * d), draw(b, h), draw(b, e)
+        o_13, o_2, o_lm = draw(n, r, 2 * inter), draw(n, r, h), draw(b, v)
+
+        def step(with_experts: bool) -> None:
+            for (w_qkv, w_o, w_r), (w_13, w_2) in zip(dense, experts):
+                torch.mm(x_h, w_qkv.t(), out=o_qkv)
+                torch.mm(x_o, w_o.t(), out=o_o)
+                torch.mm(x_h, w_r.t(), out=o_r)
+                if with_experts:
+                    torch.bmm(x_e, w_13[:n].transpose(1, 2), out=o_13)
+                    torch.bmm(x_i, w_2[:n].transpose(1, 2), out=o_2)
+            torch.mm(x_h, lm_head.t(), out=o_lm)
+
+        row = {"batch": b, "active_experts": n}
+        for label, with_experts in (("floor_ms", True), ("dense_floor_ms", False)):
+            step(with_experts)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step(with_experts)
+            row[label] = median_ms(graph.replay, steps=args.steps)
+            del graph
+        row["floor_tb_s"] = (dense_bytes(cfg) + expert_bytes(cfg, n)) / row["floor_ms"] / 1e9
+        rows.append(row)
+        print(row, flush=True)
+    out["floor"] = rows
+    del dense, experts, lm_head
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_warmup_cli(args, out: dict) -> None:
+    """Cold, then warm `kiln warmup` of the model: the per-phase table of each."""
+    ckpt = write_checkpoint_dir(args.work)
+    root = os.path.join(args.work, "warmup-cache")
+    results = {}
+    for label in ("cold", "warm"):
+        report = os.path.join(args.out, f"moe_warmup_{label}.json")
+        cmd = [sys.executable, "-m", "kiln", "warmup", ckpt, "--tp", "1", "--cache-root", root,
+               "--sizes", ",".join(map(str, CAPTURE_SIZES)), "--model-arg", "load_format=dummy",
+               "--model-arg", "dtype=bfloat16", "--model-arg", f"max_seqs={max(CAPTURE_SIZES)}",
+               "--model-arg", f"max_seq_len={args.context + 64}", "--report", report, "--quiet"]
+        t0 = time.perf_counter()
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+        wall = time.perf_counter() - t0
+        print(run.stdout[-3000:], run.stderr[-2000:] if run.returncode else "", flush=True)
+        results[label] = {"returncode": run.returncode, "command_s": wall, "table": run.stdout[-3000:]}
+    out["warmup_cli"] = results
+
+
+# ---- transformers ---------------------------------------------------------------------------
+
+
+def run_transformers(args, out: dict) -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(**{k: v for k, v in QWEN3_30B_A3B.items() if k not in ("architectures", "torch_dtype")})
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device("cuda"):  # bf16 from the start: fp32 first would need 122 GB
+        model = Qwen3MoeForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    torch.cuda.synchronize()
+    out["hf_setup"] = {"build_s": time.perf_counter() - t0,
+                       "experts_implementation": getattr(model.config, "_experts_implementation", None)}
+    print(out["hf_setup"], flush=True)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    short, long = args.hf_tokens
+    variants = {"static": ("hf_static_ms", {"cache_implementation": "static"}),
+                "eager": ("hf_eager_ms", {"disable_compile": True})}
+    rows = {b: {"batch": b} for b in args.batches}
+    for name in args.hf_variants:
+        label, kwargs = variants[name]
+        for b in args.batches:
+            prompt = torch.randint(0, 150000, (b, args.context), device="cuda")
+            try:
+                rows[b][label] = generate_step_ms(model, prompt, short, long, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - report what failed, keep the other rows
+                rows[b][label] = None
+                out.setdefault("errors", []).append(f"{label} b={b}: {type(exc).__name__}: {exc}"[:500])
+            print(label, rows[b], flush=True)
+    out["transformers"] = list(rows.values())
+
+
+# ---- table ----------------------------------------------------------------------------------
+
+
+def combine(directory: str) -> None:
+    parts = {}
+    for name in ("kiln", "transformers", "warmup"):
+        path = os.path.join(directory, f"moe_{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                parts[name] = json.load(f)
+    kiln, hf = parts.get("kiln", {}), parts.get("transformers", {})
+    by_batch: dict[int, dict] = {}
+    for rows in (kiln.get("kiln", []), kiln.get("floor", []), hf.get("transformers", [])):
+        for r in rows:
+            by_batch.setdefault(r["batch"], {"batch": r["batch"]}).update(r)
+    for b, routed in kiln.get("routing", {}).items():
+        by_batch.setdefault(int(b), {"batch": int(b)})["experts_touched"] = routed["mean"]
+    table = []
+    for b, r in sorted(by_batch.items()):
+        if r.get("kiln_ms") and r.get("experts_touched") is not None:
+            r["kiln_tb_s"] = (dense_bytes(QWEN3_30B_A3B) + expert_bytes(QWEN3_30B_A3B, r["experts_touched"])) \
+                / r["kiln_ms"] / 1e9
+        if r.get("kiln_ms") and r.get("floor_ms"):
+            r["kiln_vs_floor"] = r["kiln_ms"] / r["floor_ms"]
+        best_hf = min((r[k] for k in ("hf_static_ms", "hf_eager_ms") if r.get(k)), default=None)
+        if r.get("kiln_ms") and best_hf:
+            r["kiln_vs_best_hf"] = r["kiln_ms"] / best_hf
+        table.append(r)
+    print(kiln.get("machine") or hf.get("machine"))
+    print_table(table, ["batch", "experts_touched", "kiln_ms", "hf_static_ms", "hf_eager_ms", "floor_ms",
+                        "dense_floor_ms", "floor_tb_s", "kiln_tb_s", "kiln_vs_floor", "kiln_vs_best_hf"])
+    for part in parts.values():
+        for error in part.get("errors", []):
+            print("error:", error)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["kiln", "transformers", "warmup"])
+    parser.add_argument("--combine", metavar="DIR")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--batches", type=lambda s: tuple(int(x) for x in s.split(",")), default=BATCHES)
+    parser.add_argument("--context", type=int, default=128, help="tokens of context per sequence at decode")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--hf-tokens", type=int, nargs=2, default=(8, 40), metavar=("SHORT", "LONG"))
+    parser.add_argument("--hf-variants", type=lambda s: s.split(","), default=["static", "eager"],
+                        help="comma-separated subset of static,eager")
+    parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="profile kiln's batch-1 step (kernel table)")
+    args = parser.parse_args()
+    if args.combine:
+        combine(args.combine)
+        return
+    if args.part is None:
+        parser.error("--part or --combine is required")
+    if not torch.cuda.is_available():
+        sys.exit("moe_decode.py needs a CUDA GPU")
+    if max(args.batches) > max(CAPTURE_SIZES):
+        parser.error(f"--batches: at most {max(CAPTURE_SIZES)} (the largest capture size)")
+    os.makedirs(args.out, exist_ok=True)
+    args.work = tempfile.mkdtemp(prefix="kiln-moe-bench-")
+    out: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "context": args.context,
+                 "dense_gb": dense_bytes(QWEN3_30B_A3B) / 1e9,
+                 "all_experts_gb": expert_bytes(QWEN3_30B_A3B, QWEN3_30B_A3B["num_experts"]) / 1e9}
+    if args.part == "kiln":
+        run_kiln(args, out)
+        if not args.no_floor:
+            run_floor(args, out)
+    elif args.part == "transformers":
+        run_transformers(args, out)
+    else:
+        run_warmup_cli(args, out)
+    with open(os.path.join(args.out, f"moe_{args.part}.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    combine(args.out)
+
+
+if __name__ == "__main__":
+    main()

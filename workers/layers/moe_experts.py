@@ -1,0 +1,98 @@
+"""`kiln::moe_experts`: every expert's gated MLP over its own rows, for rows already grouped by expert.
+
+    x: [M, H]  rows sorted by expert (M = tokens × top-k: one row per token-expert pair)
+    offsets: [E] int32  cumulative row counts: expert e owns rows offsets[e-1]..offsets[e]
+    gate_up: [E, 2I, H]  (gate rows, then up rows; I is this rank's share of the intermediate size)
+    down: [E, H, I]
+    out: [M, H] = down_e · (silu(gate_e · x) * (up_e · x)) for each row's expert e
+
+Shapes depend only on M, so the op is traced with a symbolic batch and Inductor sees one graph
+per size. Routing, sorting and the weighted sum live in the traced graph around it (moe.py),
+where Inductor fuses them; only this part is opaque, because no fixed-shape torch code computes
+"each expert over its own rows" without either a data-dependent slice (a host sync) or running
+every expert on every row (E / top-k times the work).
+
+- CUDA, bfloat16, sm90/sm100: two grouped matmuls (torch's grouped GEMM, through
+  torch_internals) and the activation between them; no loop over experts, nothing read back to
+  the host, so a decode step with it is captured in one CUDA graph.
+- Elsewhere (the CPU, and the reference): a Python loop over the experts on the host-read
+  offsets, each expert's rows as one plain matmul. On CUDA this path syncs with the host, so it
+  refuses to run inside a CUDA-graph capture (with a message saying what would capture).
+
+The op sits inside the compiled pieces rather than being a splitting op: nothing in it needs
+eager execution, and splitting would add one more eager piece per layer in piecewise CUDA-graph
+mode. Adding "kiln::moe_experts" to `splitting_ops` makes it one (it then runs through the eager
+fast path registered below).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.workers import torch_internals
+from kiln.workers.layers.activation import silu_and_mul_ref
+from kiln.workers.layers.custom_op import register_eager_impl
+
+
+def experts_loop(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The reference: one matmul pair per expert that has rows (reads `offsets` on the host)."""
+    out = x.new_empty(x.shape[0], down.shape[1])  # [M, H]
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            h = torch.nn.functional.linear(x[start:end], gate_up[e])  # [m, 2I]
+            out[start:end] = torch.nn.functional.linear(silu_and_mul_ref(h), down[e])  # [m, H]
+        start = end
+    assert start == x.shape[0], f"offsets end at {start}, but there are {x.shape[0]} rows"
+    return out
+
+
+def experts_grouped(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    """The same with two grouped matmuls: no loop, no host sync (CUDA bf16 sm90/sm100, or any
+    device and dtype torch's `_grouped_mm` accepts)."""
+    # _grouped_mm multiplies by [G, K, N] with K contiguous: the transposed weights as stored.
+    h = torch_internals.grouped_mm(x.contiguous(), gate_up.transpose(1, 2), offsets)  # [M, 2I]
+    a = silu_and_mul_ref(h)  # [M, I], contiguous
+    return torch_internals.grouped_mm(a, down.transpose(1, 2), offsets)  # [M, H]
+
+
+CAPTURE_HINT = ("kiln::moe_experts on CUDA is captured in a CUDA graph only through torch's grouped "
+                "matmul: bfloat16 weights on an sm90/sm100 GPU, hidden and per-rank intermediate sizes "
+                "multiples of 8")
+
+
+def grouped_path(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether the grouped matmuls run here without a host sync: torch's fast kernel for the device
+    and dtype, and the 16-byte row alignment it needs (H and I multiples of 8 bf16 elements)."""
+    hidden, inter = down.shape[1], down.shape[2]
+    return (torch_internals.grouped_mm_fast(x) and gate_up.dtype == down.dtype == torch.bfloat16
+            and hidden % 8 == 0 and inter % 8 == 0)
+
+
+def moe_experts_impl(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor,
+                     down: torch.Tensor) -> torch.Tensor:
+    assert x.dim() == 2 and gate_up.dim() == 3 and down.dim() == 3, (x.shape, gate_up.shape, down.shape)
+    assert offsets.shape == (gate_up.shape[0],) and offsets.dtype == torch.int32, (offsets.shape, offsets.dtype)
+    if x.is_cuda:
+        if grouped_path(x, gate_up, down):
+            return experts_grouped(x, offsets, gate_up, down)
+        if torch.cuda.is_current_stream_capturing():
+            major, minor = torch.cuda.get_device_capability(x.device)
+            raise RuntimeError(f"{CAPTURE_HINT}; got {x.dtype} on sm{major}{minor} with hidden size "
+                               f"{down.shape[1]}, intermediate size {down.shape[2]} per rank: "
+                               "use bfloat16, or cudagraph_mode NONE")
+    return experts_loop(x, offsets, gate_up, down)
+
+
+# The op Dynamo and Inductor see: opaque, with a fake implementation for tracing.
+moe_experts = torch.library.custom_op("kiln::moe_experts", moe_experts_impl, mutates_args=())
+
+
+@moe_experts.register_fake
+def _(x, offsets, gate_up, down):
+    return x.new_empty(x.shape[0], down.shape[1])
+
+
+# Should a user make it a splitting op, its eager pieces call the implementation directly.
+register_eager_impl(torch.ops.kiln.moe_experts, moe_experts_impl)
