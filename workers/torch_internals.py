@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import re
 import warnings
@@ -230,15 +231,26 @@ def inductor_portable_config() -> dict[str, dict[str, Any]]:
     them (not necessarily JSON).
     """
     config = inductor_config()
-    options = dict(config.save_config_portable(ignore_private_configs=False, readonly_values=True))
-    options["trace.provenance_tracking_level"] = config.trace.provenance_tracking_level
+    options = _portable_options(config)
+    # Absent from some builds (torch 2.11 has it, but keep the key computable where it does not).
+    options["trace.provenance_tracking_level"] = getattr(config.trace, "provenance_tracking_level", None)
     out = {"config": options}
     try:
         comms = importlib.import_module("torch._inductor.config_comms")
     except ImportError:
         return out
-    out["config_comms"] = dict(comms.save_config_portable(ignore_private_configs=False, readonly_values=True))
+    out["config_comms"] = _portable_options(comms)
     return out
+
+
+def _portable_options(module: Any) -> dict[str, Any]:
+    """`module.save_config_portable(...)` with the arguments this torch accepts: private options
+    included where it can say so (torch 2.13), read-only values where it offers them (2.13: no
+    deep copies); torch 2.11 has neither argument."""
+    params = inspect.signature(module.save_config_portable).parameters
+    kwargs = {name: value for name, value in (("ignore_private_configs", False), ("readonly_values", True))
+              if name in params}
+    return dict(module.save_config_portable(**kwargs))
 
 
 def custom_graph_pass_base() -> type:
