@@ -36,6 +36,8 @@ def decode_step(model_or_kiln, device):
     """The real sequence's next token (position PROMPT): its logits."""
     inputs = (torch.tensor([3], device=device), torch.tensor([PROMPT], device=device),
               torch.tensor([SLOT], device=device))
+    if isinstance(model_or_kiln, KilnModel):  # with graphs, inputs go through kiln's static buffers
+        inputs = model_or_kiln.place(*inputs)
     with torch.no_grad():
         return model_or_kiln(*inputs).clone()
 
