@@ -271,7 +271,7 @@ def test_tp2_matches_transformers(name, moe_checkpoints, ray_cluster, tmp_path):
     torch.testing.assert_close(got_decode, want_decode, rtol=1e-4, atol=1e-5)
     # Each rank read only its slices: half of every expert, the router and norms whole.
     total = sum(os.path.getsize(f) for f in tiny.path.glob("*.safetensors"))
-    loaded = [next(p for p in r["phases"] if p["name"] == "build_model")["extra"]["bytes"] for r in report.ranks]
+    loaded = [next(p for p in r["phases"] if p["name"] == "load_weights")["extra"]["bytes"] for r in report.ranks]
     assert all(0 < b < 0.75 * total for b in loaded)
 
 
