@@ -249,6 +249,8 @@ class RunReport:
         ]
         lines += [f"cudagraphs:  {status} (ranks {_rank_list(ranks)})"
                   for status, ranks in self._cudagraph_groups().items()]
+        lines += [f"trace:       {status} (ranks {_rank_list(ranks)})"
+                  for status, ranks in self._groups("trace_cache").items()]
         lines += fanout_lines(self.ranks)
         warnings = Counter(w for r in self.ranks for w in r.get("warnings") or ())
         lines += [f"warning{f' (x{n})' if n > 1 else ''}: {w}" for w, n in sorted(warnings.items())]
@@ -258,6 +260,14 @@ class RunReport:
             label = f"attempt {f.get('attempt') or '?'} failed (retried): " if f.get("retried") else "FAILED "
             lines.append(f"{label}{where}{phase}: {f.get('cause')}")
         return lines
+
+    def _groups(self, field: str) -> dict[str, list]:
+        """Ranks by the value of a report field (ranks without one left out)."""
+        groups: dict[str, list] = {}
+        for r in self.ranks:
+            if r.get(field):
+                groups.setdefault(r[field], []).append(r.get("rank"))
+        return groups
 
     def _cudagraph_groups(self) -> dict[str, list]:
         """Distinct cudagraph status lines → ranks reporting them, in order of first rank."""

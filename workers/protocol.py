@@ -127,6 +127,8 @@ class WorkerReport(BaseModel):
     pieces_compiled: int = 0
     unique_pieces: int = 0
     traced_files: list[str] = []
+    trace_cache: str = ""
+    """Whether Dynamo ran: "skipped (cached)", or "ran (why the cached trace did not serve)"."""
     warnings: list[str] = []
     cudagraphs: str = "off"
     capture: dict[str, Any] | None = None

@@ -60,6 +60,9 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch._inductor.custom_graph_pass", "CustomGraphPass"),
     ("torch._functorch", "config"),
     ("torch", "_grouped_mm"),
+    ("torch.utils._pytree", "treespec_dumps"),
+    ("torch.utils._pytree", "treespec_loads"),
+    ("torch._dynamo", "config"),
 )
 
 # Present in some builds only; each use has a fallback.
@@ -288,3 +291,24 @@ def without_torch_compile_caches() -> Iterator[None]:
     own `patch()` (so the previous values come back exactly, whatever they were)."""
     with inductor_config().patch(fx_graph_cache=False), functorch_config().patch(enable_autograd_cache=False):
         yield
+
+
+# ---- Keeping a trace -------------------------------------------------------------------
+
+
+def treespec_dumps(spec: Any) -> str:
+    """A pytree spec as JSON text (raises for a node type registered without a serialized name)."""
+    from torch.utils._pytree import treespec_dumps as dumps
+
+    return dumps(spec)
+
+
+def treespec_loads(text: str) -> Any:
+    from torch.utils._pytree import treespec_loads as loads
+
+    return loads(text)
+
+
+def dynamo_portable_config() -> dict[str, Any]:
+    """Dynamo's resolved options (what changes how it traces), as its config module saves them."""
+    return _portable_options(importlib.import_module("torch._dynamo.config"))

@@ -21,6 +21,7 @@ from kiln.workers.compilation.piecewise_backend import PiecewiseBackend, inducto
 from kiln.workers.config import CompilationConfig
 from kiln.workers.layers.custom_op import check_custom_op_names
 from kiln.workers.compilation.record import CompileRecord
+from kiln.workers.compilation.cached_trace import TraceCache
 from kiln.workers.compilation.trace_once import TraceOnce
 
 
@@ -62,7 +63,9 @@ def compile_forward(
 ) -> tuple[Callable[..., Any], PiecewiseBackend | None]:
     """The module's forward at `config.level`, plus the piecewise backend at level 3.
 
-    Levels 2 and 3 trace on their first call (see TraceOnce); level 1 is plain torch.compile
+    Levels 2 and 3 trace on their first call (see TraceOnce); level 3 with a cache store keeps
+    that trace and a later start with the same model, call and config skips Dynamo
+    (cached_trace.py); level 1 is plain torch.compile
     with its usual guards and recompiles; level 0 is the module itself.
     """
     check_custom_op_names(config)
@@ -74,7 +77,14 @@ def compile_forward(
     if level == CompilationLevel.DYNAMO_ONCE:
         return TraceOnce(module, _dynamo_backend(config)), None
     backend = PiecewiseBackend(config, store, rank=rank, record=record)
-    return TraceOnce(module, backend), backend
+    cache = TraceCache(store, backend.config_hash) if store is not None and trace_cache_enabled() else None
+    return TraceOnce(module, backend, cache=cache), backend
+
+
+def trace_cache_enabled() -> bool:
+    """Whether level 3 keeps its Dynamo trace in the cache (KILN_TRACE_CACHE=0 turns it off:
+    every start traces, as before)."""
+    return os.environ.get("KILN_TRACE_CACHE", "1") != "0"
 
 
 def backend(config: CompilationConfig | None = None,

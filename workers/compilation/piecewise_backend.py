@@ -9,11 +9,12 @@ processes: one compiles, the others wait and load), else by compiling with Induc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +22,8 @@ import torch.fx as fx
 
 from kiln.workers import torch_internals
 from kiln.workers.compilation.artifacts import ArtifactError, compile_graph, load_graph
+from kiln.workers.compilation import graph_codec
+from kiln.workers.compilation.cached_trace import TraceNeeded, traced_files
 from kiln.workers.layers.custom_op import eager_impl
 from kiln.workers.compilation.factors import cache_key_factors
 from kiln.workers.compilation.passes import PostGradPassManager
@@ -66,7 +69,7 @@ def _concrete(value: Any, size: int) -> int:
     return int(value)
 
 
-def _use_eager_impls(gm: fx.GraphModule) -> None:
+def use_eager_impls(gm: fx.GraphModule) -> None:
     """Point a splitting piece's op calls at their registered eager implementations."""
     changed = False
     for node in gm.graph.nodes:
@@ -76,16 +79,6 @@ def _use_eager_impls(gm: fx.GraphModule) -> None:
             changed = True
     if changed:
         gm.recompile()
-
-
-def _files_in_stack_traces(gm: fx.GraphModule) -> set[str]:
-    files: set[str] = set()
-    for node in gm.graph.nodes:
-        for line in (node.meta.get("stack_trace") or "").splitlines():
-            line = line.strip()
-            if line.startswith('File "'):
-                files.add(line[len('File "'):].split('"', 1)[0])
-    return files
 
 
 def concrete_inputs(fake_args: Sequence[Any], size: int, real_by_id: dict[int, Any]) -> list[Any]:
@@ -160,6 +153,26 @@ class PiecewiseBackend:
         self._done: dict[str, Callable[..., Any]] = {}  # graph key -> callable, this process
         self._index: dict[str, dict[str, Any]] = {}
         self._inductor_patches = inductor_config_patches(config)
+        self._replay_files: list[str] | None = None
+        self.split_gm: fx.GraphModule | None = None
+        self.piece_records: list[dict[str, Any]] = []
+        """Per piece, what a cached trace needs to rebuild it (see describe())."""
+        self._not_describable = ""
+
+    @contextlib.contextmanager
+    def replaying(self, files: Sequence[str]) -> Iterator[None]:
+        """For the block, the graph comes from the trace cache (traced `files` given, no Dynamo
+        context to ask): every piece must load, and a miss raises TraceNeeded; any failure leaves
+        the record's counters as they were (pieces loaded so far stay in this process's memory)."""
+        saved = self.record.counters()
+        self._replay_files = list(files)
+        try:
+            yield
+        except Exception:
+            self.record.restore_counters(saved)
+            raise
+        finally:
+            self._replay_files = None
 
     # ---- Dynamo entry point -------------------------------------------------------------------
 
@@ -169,6 +182,7 @@ class PiecewiseBackend:
         with record.phase("split", "trace") as facts:
             split_gm, pieces = split_graph(gm, list(self.config.splitting_ops or []))
             facts["pieces"] = len(pieces)
+        self.split_gm = split_gm
         if self.config.debug_dump_path:
             dump_graphs(os.path.join(self.config.debug_dump_path, f"rank_{self.rank}"), gm, split_gm, pieces)
         record.pieces_total += len(pieces)
@@ -204,10 +218,15 @@ class PiecewiseBackend:
         with fake_mode, torch_internals.python_dispatcher():
             _Walk(split_gm).run(*fake_args)
 
-        for name, runner in runners.items():
+        return self.finish(split_gm, [(p.name, runners[p.name]) for p in pieces])
+
+    def finish(self, split_gm: fx.GraphModule, runners: Sequence[tuple[str, PieceRunner]]) -> fx.GraphModule:
+        """Put each piece's runner in the split module and publish what this rank loads."""
+        record = self.record
+        for name, runner in runners:
             # Shadow the submodule: the split module's generated code calls self.<name>(...).
             split_gm.__dict__[name] = runner
-        self.runners = [runners[p.name] for p in pieces]
+        self.runners = [runner for _, runner in runners]
         record.unique_pieces = len({k.split("-s")[0] for k in self._done})
         if self.entry is not None:
             # Only blobs that are on disk: a write that failed (disk full) must not leave the
@@ -221,10 +240,12 @@ class PiecewiseBackend:
 
     def _runner_for(self, piece: Piece, args: Sequence[Any], real_by_id: dict[int, Any]) -> PieceRunner:
         if piece.is_splitting:
-            _use_eager_impls(piece.module)
+            self._keep(piece, graph=True)
+            use_eager_impls(piece.module)
             return PieceRunner(piece.index, piece.module, returns_single=piece.returns_single, is_splitting=True)
         if not self.config.use_inductor:
             # use_inductor=False: the pieces run as traced (still split, still capturable).
+            self._keep(piece, graph=True, size_arg=size_index(args))
             return PieceRunner(piece.index, piece.module, returns_single=piece.returns_single,
                                is_splitting=False, size_arg=size_index(args))
         key = structural_hash(piece.module, args, self.config_hash)
@@ -245,8 +266,30 @@ class PiecewiseBackend:
                         piece.module, concrete_inputs(args, size, real_by_id),
                         dynamic_shapes="from_example_inputs", config_patches=self._inductor_patches),
                 )
+        self._keep(piece, key=key, size_arg=size_index(args), sizes=sorted(by_size))
         return PieceRunner(piece.index, general, returns_single=piece.returns_single, is_splitting=False,
                            size_arg=size_index(args), by_size=by_size)
+
+    def _keep(self, piece: Piece, *, graph: bool = False, key: str | None = None, size_arg: int | None = None,
+              sizes: Sequence[int] = ()) -> None:
+        """Note what a cached trace needs to rebuild this piece: its artifacts' key, or, for a
+        piece that runs as traced, its graph."""
+        item: dict[str, Any] = {"index": piece.index, "name": piece.name, "splitting": piece.is_splitting,
+                                "returns_single": piece.returns_single, "size_arg": size_arg,
+                                "key": key, "sizes": list(sizes)}
+        if graph:
+            try:
+                item["graph"] = graph_codec.encode(piece.module)
+            except graph_codec.GraphCodecError as exc:
+                self._not_describable = f"piece {piece.index}: {exc}"
+        self.piece_records.append(item)
+
+    def describe(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(the split graph, the pieces) as a cached trace keeps them; ValueError if it can't."""
+        if self._not_describable:
+            raise ValueError(self._not_describable)
+        assert self.split_gm is not None, "describe() before the backend ran"
+        return graph_codec.encode(self.split_gm), sorted(self.piece_records, key=lambda p: p["index"])
 
     def _get(self, piece: Piece, graph_key: str, size: int | str,
              compile_fn: Callable[[], tuple[Callable[..., Any], bytes]]) -> Callable[..., Any]:
@@ -269,6 +312,8 @@ class PiecewiseBackend:
         compiled: list[Callable[..., Any]] = []
 
         def compute() -> bytes:
+            if self._replay_files is not None:
+                raise TraceNeeded(f"piece {piece.index} size {size} is not in the cache")
             with record.phase(f"compile piece {piece.index} size {size}", "compile", graph_key=graph_key) as facts:
                 fn, data = compile_fn()
                 facts["bytes"] = len(data)
@@ -339,10 +384,11 @@ class PiecewiseBackend:
     # ---- set-up -------------------------------------------------------------------------------
 
     def _open_cache_entry(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CacheEntry | None:
-        files = torch_internals.traced_code_files()
-        if not files:  # torch without traced_code: the files named in the graph's stack traces
-            files = _files_in_stack_traces(gm)
-        factors, relative = cache_key_factors(self.config_hash, files, _device_of(example_inputs))
+        files = self._replay_files if self._replay_files is not None else traced_files(gm)
+        return self.open_cache_entry(files, _device_of(example_inputs))
+
+    def open_cache_entry(self, files: Sequence[str], device: torch.device) -> CacheEntry | None:
+        factors, relative = cache_key_factors(self.config_hash, files, device)
         self.record.traced_files = sorted(set(self.record.traced_files) | set(relative))
         if self.store is None:
             return None

@@ -47,6 +47,8 @@ class CompileRecord:
     bytes_loaded: int = 0
     memory_dedup_hits: int = 0
     """(piece, size) served by an identical piece already compiled or loaded in this process."""
+    trace_cache: str = ""
+    """Whether Dynamo ran: "skipped (cached)", or "ran (why the cached trace did not serve)"."""
     traced_files: list[str] = field(default_factory=list)
     config_hash: str = ""
     cache_key: str = ""
@@ -68,6 +70,14 @@ class CompileRecord:
         finally:
             seconds = time.perf_counter() - t0
             self.phases.append(Phase(name, kind, start, start + seconds, seconds, facts))
+
+    def counters(self) -> dict[str, int]:
+        """The integer counters, to restore after an abandoned attempt (a replay that missed)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, int) and not isinstance(v, bool)}
+
+    def restore_counters(self, saved: dict[str, int]) -> None:
+        for key, value in saved.items():
+            setattr(self, key, value)
 
     def seconds(self, prefix: str) -> float:
         return sum(p.seconds for p in self.phases if p.name.startswith(prefix))

@@ -21,7 +21,8 @@ import xxhash
 from kiln.cache.digest import canonical_json, digest_text
 
 
-def _canonical_code(gm: fx.GraphModule) -> str:
+def canonical_code(gm: fx.GraphModule) -> str:
+    """The graph's code with nodes renamed by position and no metadata."""
     graph = copy.deepcopy(gm.graph)
     for i, node in enumerate(graph.nodes):
         node.name = f"n{i}"
@@ -83,7 +84,7 @@ def _constants_digest(gm: fx.GraphModule) -> str:
 
 def structural_hash(gm: fx.GraphModule, example_inputs: Sequence[Any], config_hash: str) -> str:
     payload = {
-        "code": _canonical_code(gm),
+        "code": canonical_code(gm),
         "inputs": describe_inputs(example_inputs),
         "constants": _constants_digest(gm),
         "config": config_hash,

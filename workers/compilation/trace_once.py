@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from kiln.workers import torch_internals
+from kiln.workers.compilation.cached_trace import TraceCache, TraceNeeded, traced_files
 from kiln.workers.torch_internals import tree_flatten, tree_unflatten
 
 log = logging.getLogger("kiln.trace_once")
@@ -158,17 +159,23 @@ def _argument(arg: _Arg, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
 @dataclass
 class TraceTimes:
     dynamo_start: float = 0.0
+    """When tracing began (or, replaying a cached trace, when reading it began)."""
     backend_start: float = 0.0
     backend_end: float = 0.0
+    replayed: bool = False
+    """The graph came from the trace cache: no Dynamo ran."""
 
 
 class TraceOnce:
     """`TraceOnce(module, backend)(*inputs)`: the first call traces (batch dim 0 symbolic) and
     compiles through `backend`; later calls run the compiled graph with no Dynamo in between."""
 
-    def __init__(self, module: torch.nn.Module, backend: Callable[..., Any], *, dynamic_batch: bool = True):
+    def __init__(self, module: torch.nn.Module, backend: Callable[..., Any], *, dynamic_batch: bool = True,
+                 cache: TraceCache | None = None):
         self.module = module
         self.backend = backend
+        self.cache = cache
+        """Where the first trace is kept and a later start reads it back (level 3 with a store)."""
         self.dynamic_batch = dynamic_batch
         self.frames = _frames(module)
         self.times = TraceTimes()
@@ -176,6 +183,7 @@ class TraceOnce:
         self._plan: list[_Arg] | None = None
         self._out_spec: Any = None
         self._dynamo_fn: Callable[..., Any] | None = None
+        self._traced_files: list[str] = []
         self.direct = False
         self.indirect_reason = ""
         """Why calls go through Dynamo (not bound directly), once traced; "" when direct."""
@@ -197,13 +205,21 @@ class TraceOnce:
         if self._plan is None:
             self._not_direct("the graph's inputs have no direct binding to the forward's arguments "
                              f"({_unbound_inputs(gm, held)})")
+        if self.cache is not None:
+            self.cache.remember(self.module, self._plan)
+            self._traced_files = traced_files(gm)
         self._graph_fn = self.backend(gm, example_inputs)
         self.times.backend_end = time.time()
         return self._graph_fn
 
     def trace(self, *inputs: Any, **kw_inputs: Any) -> Any:
-        """Trace and compile with these example inputs; returns their output."""
+        """Trace and compile with these example inputs (or rebuild the graph from the trace
+        cache, when it holds this model, call and config); returns their output."""
         assert self._graph_fn is None, "already traced"
+        if self.cache is not None:
+            replayed = self._replay(inputs, kw_inputs)
+            if replayed is not None:
+                return replayed[0]
         if self.dynamic_batch:
             for value in (*inputs, *kw_inputs.values()):
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -212,7 +228,38 @@ class TraceOnce:
         self.times.dynamo_start = time.time()
         result = self._dynamo_fn(*inputs, **kw_inputs)
         self._bind_outputs(result, inputs, kw_inputs)
+        if self.cache is not None and self.direct:
+            self.cache.save(self._out_spec, self._traced_files, self.backend)
         return result
+
+    def _replay(self, inputs: Sequence[Any], kw_inputs: dict[str, Any]) -> tuple[Any] | None:
+        """(output,) of the first call through a cached trace, or None to trace with Dynamo."""
+        from kiln.workers.compilation.piece_replay import rebuild
+
+        assert self.cache is not None
+        start = time.time()
+        replay = self.cache.load(self.module, inputs, kw_inputs)
+        if replay is None:
+            return None
+        self.times = TraceTimes(dynamo_start=start, backend_start=time.time(), replayed=True)
+        try:
+            graph_fn = rebuild(self.backend, replay, inputs, kw_inputs)
+        except TraceNeeded as exc:
+            self.cache.status = f"ran ({exc})"
+            log.info("trace cache: %s", self.cache.status)
+            self.times = TraceTimes()
+            return None
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            # A record that passed its digest but does not rebuild: never run it, drop it.
+            self.cache.drop(f"cached trace unusable: {type(exc).__name__}: {exc}")
+            self.times = TraceTimes()
+            return None
+        self.times.backend_end = time.time()
+        self._plan = [_Arg("const", value=c) if b.kind == "const" else _Arg(b.kind, b.pos, b.name, dim=b.dim)
+                      for b, c in zip(replay.bindings, replay.constants)]
+        self._graph_fn, self._out_spec, self.direct = graph_fn, replay.out_spec, True
+        self.cache.status = "skipped (cached)"
+        return (tree_unflatten(list(graph_fn(*self._flat_args(inputs, kw_inputs))), self._out_spec),)
 
     def _bind_outputs(self, result: Any, inputs: Sequence[Any], kw_inputs: dict[str, Any]) -> None:
         if self._plan is None:

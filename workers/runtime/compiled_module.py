@@ -183,6 +183,8 @@ class CompiledModule:
                     f"a batch of 2; but {traced.indirect_reason}, so calls go through Dynamo, and batch 1 "
                     "would be a second graph. Call it first with a batch of 2 or more")
         self._call_shape = CallShape(*(doubled or (args, kwargs)))
+        if traced.cache is not None:
+            self.record.trace_cache = traced.cache.status
         if not traced.direct:
             warnings.warn(
                 f"kiln.compile: {traced.indirect_reason}; calls go through Dynamo and its guards: batch sizes "

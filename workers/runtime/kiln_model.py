@@ -112,8 +112,12 @@ class KilnModel:
         with torch.no_grad():
             self.forward_fn(*self.dummy_inputs(trace_size))
         times = getattr(self.forward_fn, "times", None)
+        cache = getattr(self.forward_fn, "cache", None)
+        if cache is not None:
+            record.trace_cache = cache.status
         if times is not None and times.backend_start:
-            record.phases.insert(0, _phase("dynamo_trace", "trace", times.dynamo_start, times.backend_start))
+            name = "trace_replay" if times.replayed else "dynamo_trace"
+            record.phases.insert(0, _phase(name, "trace", times.dynamo_start, times.backend_start))
             if self.backend is None:  # level 2: the backend is one opaque compile
                 record.phases.append(_phase("compile", "compile", times.backend_start, times.backend_end))
             record.phases.append(_phase("first_run", "run", times.backend_end, time.time()))
