@@ -63,6 +63,7 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch.utils._pytree", "treespec_dumps"),
     ("torch.utils._pytree", "treespec_loads"),
     ("torch._dynamo", "config"),
+    ("torch._dynamo.utils", "counters"),
 )
 
 # Present in some builds only; each use has a fallback.
@@ -312,3 +313,11 @@ def treespec_loads(text: str) -> Any:
 def dynamo_portable_config() -> dict[str, Any]:
     """Dynamo's resolved options (what changes how it traces), as its config module saves them."""
     return _portable_options(importlib.import_module("torch._dynamo.config"))
+
+
+def dynamo_graphs_traced() -> int:
+    """How many graphs Dynamo has traced in this process (its own counter, which full-graph
+    tracing keeps too; its frame counter it does not)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

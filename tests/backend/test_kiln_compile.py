@@ -94,6 +94,8 @@ def test_warm_process_compiles_nothing(two_layers, tmp_path):
     assert record["inductor_compiles"] == 0 and record["cache_misses"] == 0
     assert record["cache_hits"] == 3 and record["artifacts_loaded"] == 3
     assert warm["builds"] == []  # not even a C++ kernel build
+    # ...nor a Dynamo trace: the cold compile kept its trace
+    assert warm["dynamo_graphs"] == 0 and record["trace_cache"] == "skipped (cached)"
     assert warm["logits_sum"] == pytest.approx(eager_logits(model, token_batch(3)).double().sum().item(), abs=1e-4)
 
 

@@ -55,6 +55,8 @@ def _encode_target(node: fx.Node) -> Any:
     module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
     if not module or not qualname or "<" in qualname:
         raise GraphCodecError(f"node {node.name}: target {target!r} has no import path")
+    if not _allowed_module(module):
+        raise GraphCodecError(f"node {node.name}: target {module}.{qualname} is outside {', '.join(_ROOTS)}")
     # builtins' __module__ can be "_operator" or "torch._C._nn", and torch's C functions have
     # a qualname inside a private class (torch.arange): whichever path leads back is kept.
     for name in dict.fromkeys((qualname, getattr(target, "__name__", qualname))):
@@ -66,7 +68,18 @@ def _encode_target(node: fx.Node) -> Any:
     raise GraphCodecError(f"node {node.name}: target {target!r} is not reachable as {module}.{qualname}")
 
 
+_ROOTS = ("torch", "operator", "_operator", "math", "builtins")
+"""Where a function target may come from: a stored record can name nothing else, so even a
+record rewritten by someone who can write the cache cannot make kiln call, say, os.system."""
+
+
+def _allowed_module(module: str) -> bool:
+    return module.split(".", 1)[0] in _ROOTS
+
+
 def _import_path(module: str, qualname: str) -> Any:
+    if not _allowed_module(module):
+        raise ImportError(f"{module} is outside {', '.join(_ROOTS)}")
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
