@@ -137,7 +137,7 @@ class CompilationConfig(BaseModel):
     never part of the hash (graphs are captured after compilation). Lazy capture needs a single
     rank: with tensor parallelism the capture thread's warm-up collectives would interleave with
     the main thread's in an order that differs across ranks, so TP > 1 captures eagerly (with a
-    warning in the report)."""
+    warning in the report); so does level 1, where torch.compile may recompile on a call."""
 
     cudagraph_capture_order: list[int] | None = None
     """Lazy capture: the sizes to capture first, in this order (the batch sizes expected first);

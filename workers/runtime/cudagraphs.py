@@ -2,8 +2,10 @@
 
 Runtime mode: a forward runs with piecewise graphs on (PIECEWISE) or off (NONE); the runner
 sets it per call (`graph_runtime`). Full graphs capture the whole compiled forward while the
-piecewise graphs are off. All graphs of a worker share one memory pool and are captured
-largest size first, so smaller graphs reuse the larger ones' memory.
+piecewise graphs are off. All graphs of a worker share one memory pool; eager capture takes
+the sizes largest first, so smaller graphs reuse the larger ones' memory. Lazy capture
+(`GraphPool(stream=...)`, KilnModel._capture_size_lazily) takes them in order of expected use on
+a background thread's own stream, with capture_error_mode "thread_local".
 
 Static inputs: a piecewise graph remembers the tensors it was captured with (keeping them
 alive) and, on replay, copies any input whose address changed into them (the output of an

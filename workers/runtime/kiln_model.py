@@ -144,14 +144,21 @@ class KilnModel:
             record.phases.append(_phase("compile", "compile", t0, time.time()) if config.level
                                  else _phase("eager_run", "run", t0, time.time()))
         if self.mode != CUDAGraphMode.NONE:
-            if config.cudagraph_capture == "lazy" and tp_world_size() > 1:
+            lazy = config.cudagraph_capture == "lazy"
+            if lazy and config.level == CompilationLevel.DYNAMO_AS_IS:
+                note = ("cudagraph_capture lazy: captured eagerly at level 1, where torch.compile may "
+                        "recompile on a call, and Dynamo does not compile in two threads at once")
+                log.warning(note)
+                record.warnings.append(note)
+                self._capture()
+            elif lazy and tp_world_size() > 1:
                 note = ("cudagraph_capture lazy: captured eagerly, since with tensor parallelism the "
                         "capture thread's collectives would interleave with the main thread's in an "
                         "order that differs across ranks")
                 log.warning(note)
                 record.warnings.append(note)
                 self._capture()
-            elif config.cudagraph_capture == "lazy":
+            elif lazy:
                 self._start_lazy_capture()
             else:
                 self._capture()

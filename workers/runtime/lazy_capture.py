@@ -125,7 +125,7 @@ class LazyCapture:
         if threading.current_thread() is self._thread or not self._thread.is_alive():
             return not self._thread.is_alive() or threading.current_thread() is self._thread
         self._thread.join(timeout)
-        if self._thread.is_alive():
+        if self._thread.is_alive() and timeout > 0:
             log.warning("lazy capture thread still running %.0f s after close()", timeout)
         return not self._thread.is_alive()
 
