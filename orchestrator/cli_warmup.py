@@ -100,14 +100,19 @@ _RUN_OPTIONS = [
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON run report here.")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False), help="Write a Perfetto/Chrome trace here.")
 @click.option("--quiet", is_flag=True, help="No live progress.")
+@click.option("--cudagraph-capture", type=click.Choice(["eager", "lazy"]), default=None,
+              help="When ranks capture CUDA graphs (config field cudagraph_capture; default: the config's, eager): "
+                   "lazy reports a rank ready once its pieces are loaded and captures in the background, "
+                   "smallest size first (order: --set cudagraph_capture_order=[8,1]). The warm-up does not wait "
+                   "for background captures; the report says how many were done.")
 @click.option("--fanout", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Cluster fan-out: a rank that misses asks the cluster's registry before compiling "
                    "(auto: when the ranks span nodes or a registry already runs).")
 @click.option("--fanout-lifetime", type=click.Choice(["job", "cluster"]), default="job", show_default=True,
               help="cluster: a registry started here outlives this job, for serving nodes that join later.")
 def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, load_format, cache_root, address,
-                   placement, device, num_cpus, retries, report_path, trace_path, quiet, fanout,
-                   fanout_lifetime) -> None:
+                   placement, device, num_cpus, retries, report_path, trace_path, quiet, cudagraph_capture,
+                   fanout, fanout_lifetime) -> None:
     """Compile MODEL ('pkg.module:factory', 'path/file.py:factory' or a checkpoint directory) on
     every rank into the cache."""
     from kiln.workers.models.spec import ModelSpecError, parse_model_spec
@@ -118,6 +123,8 @@ def warmup_command(model, tp_size, sizes, config_file, overrides, model_kwargs, 
         _, factory = parse_model_spec(model)
     except ModelSpecError as exc:
         raise click.BadParameter(str(exc), param_hint="MODEL") from None
+    if cudagraph_capture is not None:  # the flag is a --set, applied after the others
+        overrides = (*overrides, f"cudagraph_capture={cudagraph_capture}")
     config = _resolve(config_file, overrides)
     if load_format is not None:
         if factory:  # "" for a checkpoint directory

@@ -421,6 +421,13 @@ class Orchestrator:
                                "differ: the model's output must be the same full-vocab logits on every rank)")
         return results[0]
 
+    def capture_status(self) -> list[dict[str, Any] | None]:
+        """Per rank, lazy CUDA graph capture's progress now (sizes captured, failures, per size
+        when; see KilnModel.capture_summary), None for ranks that captured eagerly. warmup()
+        never waits for background captures; this asks, and waits for nothing either."""
+        self._require_started("capture_status()")
+        return self._gather([w.capture_status.remote() for w in self.workers], "capture_status")
+
     def reset_cache(self) -> None:
         """Zero every rank's KV cache (models that have one)."""
         self._require_started("reset_cache()")

@@ -249,6 +249,7 @@ class RunReport:
         ]
         lines += [f"cudagraphs:  {status} (ranks {_rank_list(ranks)})"
                   for status, ranks in self._cudagraph_groups().items()]
+        lines += lazy_capture_lines(self.ranks)
         lines += [f"trace:       {status} (ranks {_rank_list(ranks)})"
                   for status, ranks in self._groups("trace_cache").items()]
         lines += fanout_lines(self.ranks)
@@ -296,7 +297,7 @@ class RunReport:
                 meta += _process_meta(pids[node], node)
             pid, tid = pids[node], _rank_number(r)
             meta += _thread_meta(pid, tid, r)
-            events += _phase_events(pid, tid, r["phases"], origin)
+            events += _phase_events(pid, tid, r["phases"] + _lazy_capture_phases(r), origin)
             if r.get("error"):
                 events.append(_error_event(pid, tid, r, origin))
         # Failures no rank report carries (a rank that died, or failed before it could report):
@@ -314,6 +315,41 @@ class RunReport:
     def write_chrome_trace(self, path: str | os.PathLike) -> Path:
         """Write chrome_trace() to `path`, atomically; returns the path."""
         return _atomic_write_json(path, self.chrome_trace())
+
+
+def lazy_capture_lines(ranks: list[dict], per_size: int = 12) -> list[str]:
+    """Footer lines for ranks that capture lazily: how many sizes were captured by the time of
+    the report (each rank reports ready before its background captures end), when the last one
+    landed after ready, the first `per_size` sizes as size@seconds-after-ready (capture seconds),
+    and any size whose capture failed (it runs without graphs)."""
+    lines = []
+    for r in ranks:
+        lazy = r.get("lazy_capture")
+        if not lazy:
+            continue
+        last = lazy.get("last_after_ready_s")
+        when = f", last at ready +{last:.2f} s" if last is not None else ""
+        state = "all done" if lazy.get("done") else "still capturing"
+        lines.append(f"capture:     rank {r.get('rank', '?')}: lazy, {lazy.get('captured', 0)}/{lazy.get('sizes', 0)} "
+                     f"sizes captured by the report{when} ({state})")
+        done = [e for e in lazy.get("per_size") or () if e.get("state") == "captured"]
+        if done:
+            shown = " ".join(f"{e['size']}@+{e['after_ready_s']:.2f}s({e['seconds']:.2f}s)" for e in done[:per_size])
+            more = f" … {len(done) - per_size} more" if len(done) > per_size else ""
+            lines.append(f"             sizes@after ready(seconds): {shown}{more}")
+        for size, error in sorted((lazy.get("failed") or {}).items(), key=lambda item: int(item[0])):
+            lines.append(f"capture:     rank {r.get('rank', '?')}: size {size} FAILED, runs without graphs: {error}")
+    return lines
+
+
+def _lazy_capture_phases(rank_report: dict) -> list[dict]:
+    """A lazily captured rank's per-size captures as phases, for the timeline only (they ran
+    after ready, in the background: the table's capture column leaves them out)."""
+    lazy = rank_report.get("lazy_capture") or {}
+    return [_normalize_phase({"name": f"lazy capture size {e['size']}", "kind": "capture", "start": e["start"],
+                              "end": e["end"], "seconds": e["seconds"],
+                              "extra": {"after_ready_s": e["after_ready_s"], "state": e["state"]}})
+            for e in lazy.get("per_size") or () if e.get("state") in ("captured", "failed")]
 
 
 def short_device(device: str | None) -> str:

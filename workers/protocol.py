@@ -134,6 +134,10 @@ class WorkerReport(BaseModel):
     capture: dict[str, Any] | None = None
     """The capture phase's facts (sizes, graphs, GiB, mode), None without CUDA graphs."""
     capture_stats: list[dict[str, Any]] = []
+    lazy_capture: dict[str, Any] | None = None
+    """With cudagraph_capture="lazy": KilnModel.capture_summary() when the report was made (the
+    rank reports ready before its captures end): sizes, how many captured so far, failures, and
+    per size its state, seconds and seconds after ready. None with eager capture."""
     custom_ops: dict[str, dict[str, int]] = Field(default_factory=lambda: {"enabled": {}, "disabled": {}})
     """Custom-op layers built on each path: {"enabled": {name: n}, "disabled": {name: n}}."""
     wall_seconds: float = 0.0

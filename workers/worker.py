@@ -4,7 +4,8 @@ The driver sends a `SetupPayload` (config JSON, config hash, model spec, rendezv
 its own toolchain factors; see protocol.py). `setup()` recomputes the hash and compares the
 factors, refusing to run on any difference, and joins torch.distributed (NCCL on GPU, gloo on
 CPU); `build()` builds the model shard (its own phase: weights can dwarf compiling);
-`warmup()` compiles (or loads) and captures, and returns a `WorkerReport`. Any exception leaves
+`warmup()` compiles (or loads) and captures, and returns a `WorkerReport` (with lazy capture it
+returns once the pieces are loaded, while a background thread captures: `capture_status()`). Any exception leaves
 as one `WorkerFailure` naming the rank, the phase it happened in, and the cause.
 
 The class is plain Python; the driver wraps it with `ray.remote`.
@@ -242,7 +243,8 @@ class KilnWorker:
             config_hash=self.config.compute_hash(),
             cudagraphs=self.kiln.cudagraph_status if self.kiln else "off",
             capture=capture.extra if capture else None,
-            capture_stats=[vars(s) for s in (self.kiln.pool.stats if self.kiln and self.kiln.pool else [])],
+            capture_stats=[dict(vars(s)) for s in list(self.kiln.pool.stats if self.kiln and self.kiln.pool else [])],
+            lazy_capture=self.kiln.capture_summary() if self.kiln is not None and self.kiln.lazy else None,
             custom_ops=self.custom_op_counts.as_dict(),
             wall_seconds=time.time() - self.started,
             fanout=self.record.fanout.report() if self.record.fanout is not None else None,
@@ -335,8 +337,16 @@ class KilnWorker:
                 torch.cuda.synchronize()
         return sum(e.count for e in prof.key_averages() if "allreduce" in e.key.lower().replace("_", ""))
 
+    def capture_status(self) -> dict[str, Any] | None:
+        """Lazy capture's progress now (KilnModel.capture_summary()); None with eager capture.
+        The warm-up report is a snapshot at ready; this is how a driver sees the rest."""
+        return self.kiln.capture_summary() if self.kiln is not None and self.kiln.lazy else None
+
     def exit(self) -> None:
         import torch.distributed as dist
+
+        if self.kiln is not None:  # stop a lazy capture thread between two sizes
+            self.kiln.close(timeout=10.0)
 
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -460,6 +460,11 @@ def test_splitting_ops_invalid(op):
         ({"compile_sizes": [2.0]}, "compile_sizes"),
         ({"cudagraph_capture_sizes": [0]}, "cudagraph_capture_sizes"),
         ({"cudagraph_capture_sizes": ["cudagraph_capture_sizes"]}, "cudagraph_capture_sizes"),
+        ({"cudagraph_capture": "later"}, "cudagraph_capture"),
+        ({"cudagraph_capture": True}, "cudagraph_capture"),
+        ({"cudagraph_capture_order": [0]}, "cudagraph_capture_order"),
+        ({"cudagraph_capture_order": [2, 2]}, "cudagraph_capture_order"),
+        ({"cudagraph_capture_order": 4}, "cudagraph_capture_order"),
         ({"cudagraph_num_of_warmups": -1}, "cudagraph_num_of_warmups"),
         ({"cudagraph_num_of_warmups": True}, "cudagraph_num_of_warmups"),
         ({"backend": ""}, "backend"),
@@ -476,6 +481,23 @@ def test_field_errors_name_the_field(kwargs, field):
     with pytest.raises(ValidationError) as info:
         CompilationConfig(**kwargs)
     assert field in str(info.value)
+
+
+def test_lazy_capture_fields():
+    config = CompilationConfig()
+    assert config.cudagraph_capture == "eager" and config.cudagraph_capture_order is None
+    config = CompilationConfig(cudagraph_capture="LAZY", cudagraph_capture_sizes=[1, 2, 4, 8])
+    config.init_with_cudagraph_sizes([])
+    assert config.cudagraph_capture == "lazy"
+    assert config.lazy_capture_order() == [1, 2, 4, 8]
+    config = CompilationConfig(cudagraph_capture="lazy", cudagraph_capture_sizes=[1, 2, 4, 8],
+                               cudagraph_capture_order=[8, 2])
+    config.init_with_cudagraph_sizes([])
+    assert config.lazy_capture_order() == [8, 2, 1, 4]
+    assert CompilationConfig.from_json(config.to_json()).cudagraph_capture_order == [8, 2]
+    bad = CompilationConfig(cudagraph_capture_sizes=[1, 2], cudagraph_capture_order=[16])
+    with pytest.raises(ValueError, match=r"cudagraph_capture_order: \[16\] are not capture sizes"):
+        bad.init_with_cudagraph_sizes([])
 
 
 def test_unknown_field_suggests():

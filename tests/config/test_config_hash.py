@@ -188,6 +188,8 @@ HASH_NEUTRAL = [
     {"cudagraph_mode": "none"},
     {"cudagraph_num_of_warmups": 5},
     {"cudagraph_copy_inputs": True},
+    {"cudagraph_capture": "lazy"},
+    {"cudagraph_capture_order": [8, 1]},
     {"use_cudagraph": False},
     {"full_cuda_graph": True},
 ]

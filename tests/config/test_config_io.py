@@ -242,6 +242,8 @@ def valid_configs(draw):
         "cudagraph_num_of_warmups": draw(st.integers(0, 5)),
         "cudagraph_capture_sizes": draw(st.none() | st.lists(st.integers(1, 1024), max_size=8)),
         "cudagraph_copy_inputs": draw(st.booleans()),
+        "cudagraph_capture": draw(st.sampled_from(["eager", "lazy", "LAZY"])),
+        "cudagraph_capture_order": draw(st.none() | st.lists(st.integers(1, 1024), max_size=4, unique=True)),
         "pass_config": {"enable_noop": draw(st.booleans())},
         "cache_dir": draw(st.text(max_size=10)),
         "debug_dump_path": draw(st.text(max_size=10)),

@@ -103,6 +103,22 @@ def test_unwritable_output_path_is_refused_before_the_warmup(tmp_path, option, m
     assert "not a directory" in result.output + getattr(result, "stderr", "")
 
 
+@pytest.mark.parametrize("args, expected", [([], "eager"), (["--cudagraph-capture", "lazy"], "lazy"),
+                                            (["--set", "cudagraph_capture=lazy"], "lazy")])
+def test_cudagraph_capture_flag_reaches_the_config(args, expected, monkeypatch):
+    import kiln.orchestrator.driver as driver
+
+    seen = {}
+
+    def capture(model, tp_size, config, *args, **kwargs):
+        seen["config"] = config
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(driver, "Orchestrator", capture)
+    _runner().invoke(warmup_command, [MODEL, *args])
+    assert seen["config"].cudagraph_capture == expected
+
+
 def test_root_causes_prefer_deaths_then_own_errors_over_knock_on_failures():
     from kiln.orchestrator.driver import root_causes
 

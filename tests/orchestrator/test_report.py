@@ -236,6 +236,29 @@ def test_table_footer(report):
     assert "FAILED driver in broadcast: actor 3 lost" in text
 
 
+def test_lazy_capture_in_footer_and_trace(workers):
+    per_size = [
+        {"size": 1, "start": T0 + 7.0, "end": T0 + 7.5, "seconds": 0.5, "after_ready_s": 0.5, "state": "captured",
+         "error": None},
+        {"size": 2, "start": T0 + 7.5, "end": T0 + 7.75, "seconds": 0.25, "after_ready_s": 0.75, "state": "failed",
+         "error": "RuntimeError: capture broke"},
+        {"size": 4, "start": 0.0, "end": 0.0, "seconds": 0.0, "after_ready_s": 0.0, "state": "pending", "error": None},
+    ]
+    workers[2]["lazy_capture"] = {"capture": "lazy", "order": [1, 2, 4], "sizes": 3, "captured": 1,
+                                  "failed": {2: "RuntimeError: capture broke"}, "done": False,
+                                  "ready_at": T0 + 6.5, "last_after_ready_s": 0.5, "per_size": per_size}
+    report = _merge(workers)
+    text = report.table()
+    assert "capture:     rank 0: lazy, 1/3 sizes captured by the report, last at ready +0.50 s (still capturing)" in text
+    assert "sizes@after ready(seconds): 1@+0.50s(0.50s)" in text
+    assert "capture:     rank 0: size 2 FAILED, runs without graphs: RuntimeError: capture broke" in text
+    again = RunReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert "size 2 FAILED" in again.table()  # the failed sizes' keys are strings after JSON
+    names = [e["name"] for e in report.chrome_trace()["traceEvents"] if e.get("ph") == "X"]
+    assert "lazy capture size 1" in names and "lazy capture size 2" in names
+    assert "lazy capture size 4" not in names
+
+
 def test_short_device():
     assert short_device("cuda:0 NVIDIA H100 80GB HBM3") == "cuda:0 H100 80GB"
     assert short_device("cpu") == "cpu"

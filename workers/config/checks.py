@@ -110,6 +110,30 @@ def check_capture_sizes(value: Any) -> list[int] | None:
     return entries
 
 
+def check_capture_order(value: Any) -> list[int] | None:
+    """None, or distinct positive ints (whether they are capture sizes is known only once the
+    sizes are fixed: `init_with_cudagraph_sizes` checks that)."""
+    if value is None:
+        return None
+    entries = _require_list("cudagraph_capture_order", value)
+    for entry in entries:
+        if not is_positive_int(entry):
+            raise ValueError(
+                f"cudagraph_capture_order: invalid entry {entry!r}; expected a positive int"
+            )
+    duplicates = sorted({entry for entry in entries if entries.count(entry) > 1})
+    if duplicates:
+        raise ValueError(f"cudagraph_capture_order: sizes {duplicates} appear more than once")
+    return entries
+
+
+def check_capture_timing(value: Any) -> Any:
+    """"eager" or "lazy", in any case."""
+    if isinstance(value, str) and value.lower() in ("eager", "lazy"):
+        return value.lower()
+    raise ValueError(f"cudagraph_capture: expected 'eager' or 'lazy', got {value!r}")
+
+
 def check_warmups(value: Any) -> Any:
     """Reject bools early (pydantic would read True as 1); the bound is the field's `ge=0`."""
     if isinstance(value, bool):
@@ -138,6 +162,8 @@ FIELD_CHECKS: dict[str, Callable[[Any], Any]] = {
     "compile_sizes": check_compile_sizes,
     "cudagraph_capture_sizes": check_capture_sizes,
     "cudagraph_num_of_warmups": check_warmups,
+    "cudagraph_capture": check_capture_timing,
+    "cudagraph_capture_order": check_capture_order,
     "cudagraph_mode": check_cudagraph_mode,
     "cache_dir": check_path,
     "debug_dump_path": check_path,

@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -127,6 +127,22 @@ class CompilationConfig(BaseModel):
     cudagraph_capture_sizes: list[int] | None = None
     """Batch sizes to capture CUDA graphs for. None: the caller's default list, given to
     `init_with_cudagraph_sizes`, which also de-duplicates and sorts them, largest first."""
+
+    cudagraph_capture: Literal["eager", "lazy"] = "eager"
+    """When CUDA graphs are captured. "eager": every size during `KilnModel.compile`, largest
+    first (the rank is ready once all are captured). "lazy": the rank is ready once its pieces
+    are compiled or loaded; a background thread then captures one size after another in
+    `cudagraph_capture_order`, and a batch whose padded size is not captured yet runs the
+    compiled pieces without graphs (no call ever waits for a capture). Same outputs either way;
+    never part of the hash (graphs are captured after compilation). Lazy capture needs a single
+    rank: with tensor parallelism the capture thread's warm-up collectives would interleave with
+    the main thread's in an order that differs across ranks, so TP > 1 captures eagerly (with a
+    warning in the report); so does level 1, where torch.compile may recompile on a call."""
+
+    cudagraph_capture_order: list[int] | None = None
+    """Lazy capture: the sizes to capture first, in this order (the batch sizes expected first);
+    the capture sizes not named follow, smallest first. None: smallest first. Every entry must be
+    a capture size (checked by `init_with_cudagraph_sizes`). Ignored by eager capture."""
 
     cudagraph_copy_inputs: bool = False
     """Copy inputs into the graph's static buffers (instead of the caller keeping them there)."""
@@ -309,6 +325,15 @@ class CompilationConfig(BaseModel):
         self.compile_sizes = expand_compile_sizes(self.compile_sizes, unique)
         self._max_capture_size = unique[0] if unique else 0
         self._bs_to_padded_graph_size = padding_table(unique)
+        unknown = [size for size in self.cudagraph_capture_order or [] if size not in unique]
+        if unknown:
+            raise ValueError(f"cudagraph_capture_order: {unknown} are not capture sizes ({unique})")
+
+    def lazy_capture_order(self) -> list[int]:
+        """The order in which lazy capture takes the capture sizes: `cudagraph_capture_order`
+        first, then the rest smallest first (the sizes a server meets first: decode batches)."""
+        named = list(self.cudagraph_capture_order or [])
+        return named + sorted(size for size in self.cudagraph_capture_sizes or [] if size not in named)
 
     @property
     def max_capture_size(self) -> int:

@@ -2,8 +2,10 @@
 
 Runtime mode: a forward runs with piecewise graphs on (PIECEWISE) or off (NONE); the runner
 sets it per call (`graph_runtime`). Full graphs capture the whole compiled forward while the
-piecewise graphs are off. All graphs of a worker share one memory pool and are captured
-largest size first, so smaller graphs reuse the larger ones' memory.
+piecewise graphs are off. All graphs of a worker share one memory pool; eager capture takes
+the sizes largest first, so smaller graphs reuse the larger ones' memory. Lazy capture
+(`GraphPool(stream=...)`, KilnModel._capture_size_lazily) takes them in order of expected use on
+a background thread's own stream, with capture_error_mode "thread_local".
 
 Static inputs: a piecewise graph remembers the tensors it was captured with (keeping them
 alive) and, on replay, copies any input whose address changed into them (the output of an
@@ -55,17 +57,37 @@ class CaptureStat:
     size: int
     seconds: float
     bytes: int
-    """Growth of memory reserved by the allocator during the capture (pool included)."""
+    """Growth of memory reserved by the allocator during the capture (pool included). With lazy
+    capture the main thread allocates at the same time, so the figure is approximate."""
+    at: float = 0.0
+    """Wall-clock end of the capture (seconds since the epoch)."""
 
 
 @dataclass
 class GraphPool:
-    """The one memory pool and the capture statistics of a worker."""
+    """The one memory pool and the capture statistics of a worker.
+
+    Eager capture (`stream` None): torch.cuda.graph on its default side stream, device syncs
+    around each capture, and capture_error_mode "global": nothing else runs meanwhile.
+
+    Lazy capture (`stream` set, used by the capture thread only): the capture begins and ends on
+    that stream with capture_error_mode "thread_local", so the main thread's CUDA calls
+    (cudaMalloc by its allocator, syncs, launches on its own stream) neither fail nor invalidate
+    the capture; only the capture thread is barred from unsafe calls while it captures. It goes
+    around torch.cuda.graph's __enter__ on purpose: that runs a device-wide synchronize,
+    gc.collect() and empty_cache() before every capture, which from a background thread would
+    hold the GIL and return cached blocks that the serving thread is about to reuse. Only the
+    capture stream is synchronised, before (its warm-up work is done) and after.
+    """
 
     handle: Any = field(default_factory=lambda: torch.cuda.graph_pool_handle())
     stats: list[CaptureStat] = field(default_factory=list)
+    stream: Any = None
+    """The lazy capture thread's side stream (None: eager capture)."""
 
     def capture(self, kind: str, size: int, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+        if self.stream is not None:
+            return self._capture_on_stream(kind, size, fn)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
@@ -73,7 +95,30 @@ class GraphPool:
         with torch.cuda.graph(graph, pool=self.handle):
             out = fn()
         torch.cuda.synchronize()
-        self.stats.append(CaptureStat(kind, size, time.perf_counter() - t0, torch.cuda.memory_reserved() - before))
+        self.stats.append(CaptureStat(kind, size, time.perf_counter() - t0,
+                                      torch.cuda.memory_reserved() - before, time.time()))
+        return graph, out
+
+    def _capture_on_stream(self, kind: str, size: int, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+        graph = torch.cuda.CUDAGraph()
+        stream = self.stream
+        stream.synchronize()
+        before = torch.cuda.memory_reserved()
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            graph.capture_begin(self.handle, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            except BaseException:
+                try:  # end the capture (it is invalid anyway) so the stream is usable again
+                    graph.capture_end()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+                raise
+            graph.capture_end()
+        stream.synchronize()
+        self.stats.append(CaptureStat(kind, size, time.perf_counter() - t0,
+                                      torch.cuda.memory_reserved() - before, time.time()))
         return graph, out
 
 

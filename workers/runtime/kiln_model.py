@@ -13,6 +13,15 @@ size p = bs_to_padded_graph_size[b] on kiln's static input buffers (rows b..p ar
 returns rows 0..b of the output; larger batches run without graphs. The returned tensors of a
 graph replay are kiln's static outputs: valid until the next call (clone to keep them).
 
+Lazy capture (`cudagraph_capture="lazy"`): compile() returns once the pieces are compiled or
+loaded, and a background thread (workers/runtime/lazy_capture.py) captures the sizes in
+`config.lazy_capture_order()`. Dispatch is the same as above for a size already captured; a
+batch whose padded size is not captured yet runs the compiled pieces without graphs, unpadded,
+on the caller's inputs (so it never waits). Whether a batch goes through kiln's static buffers
+(`uses_graphs`, `place`, `input_buffers`) does not depend on how far the capture has got: the
+caller's contract is the same before, during and after. See `_capture_size_lazily` for why
+capturing next to a serving thread is sound.
+
 Static input buffers: with `cudagraph_copy_inputs` kiln copies the inputs into its buffers.
 Without it the caller writes batches into `input_buffers(b)` (views of kiln's buffers) and
 passes those views; kiln checks the addresses and refuses anything else. `place(*inputs)` does
@@ -23,6 +32,7 @@ silent broadcast or cast.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -34,6 +44,8 @@ from kiln.workers.config.modes import CompilationLevel, CUDAGraphMode
 from kiln.workers.config import DEFAULT_CAPTURE_SIZES, CompilationConfig
 from kiln.workers.runtime.cudagraphs import GraphPool, PiecewiseGraphs, fast_capture, graph_runtime
 from kiln.workers.compilation.record import CompileRecord, Phase
+from kiln.workers.layers.parallel_state import tp_world_size
+from kiln.workers.runtime.lazy_capture import LazyCapture
 
 log = logging.getLogger("kiln.runner")
 
@@ -50,7 +62,11 @@ class KilnModel:
         store: Any = None,
         rank: int = 0,
         record: CompileRecord | None = None,
+        graph_pool: Any = None,
     ):
+        """`graph_pool`: a GraphPool, or a stand-in with its `capture(kind, size, fn)` and
+        `stats` (tests on the CPU inject a fake one, since CUDA graphs need CUDA); given one,
+        the configured cudagraph_mode is used on any device."""
         self.model = model
         self.config = config
         self.store = store
@@ -64,6 +80,13 @@ class KilnModel:
         self.cudagraph_status = "off"
         self._buffers: list[torch.Tensor] = []
         self._pad = self._pad_values()
+        self._injected_pool = graph_pool
+        self._piecewise: list[PiecewiseGraphs] = []
+        self._piecewise_graphed: frozenset[int] = frozenset()
+        """Sizes whose piecewise graphs are all captured (replaced whole, never mutated)."""
+        self._full_inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        """Lazy capture: the private input tensors each full graph was captured on."""
+        self.lazy: LazyCapture | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -83,7 +106,7 @@ class KilnModel:
         mode = self.config.cudagraph_mode or CUDAGraphMode.NONE
         if mode == CUDAGraphMode.NONE:
             return mode
-        if device.type != "cuda":
+        if device.type != "cuda" and self._injected_pool is None:
             if not _warned_no_cuda:
                 warnings.warn(f"cudagraph_mode {mode.name} needs CUDA; running without CUDA graphs "
                               f"({CUDAGRAPHS_UNAVAILABLE})", stacklevel=3)
@@ -125,22 +148,44 @@ class KilnModel:
             record.phases.append(_phase("compile", "compile", t0, time.time()) if config.level
                                  else _phase("eager_run", "run", t0, time.time()))
         if self.mode != CUDAGraphMode.NONE:
-            self._capture()
+            lazy = config.cudagraph_capture == "lazy"
+            if lazy and config.level == CompilationLevel.DYNAMO_AS_IS:
+                note = ("cudagraph_capture lazy: captured eagerly at level 1, where torch.compile may "
+                        "recompile on a call, and Dynamo does not compile in two threads at once")
+                log.warning(note)
+                record.warnings.append(note)
+                self._capture()
+            elif lazy and tp_world_size() > 1:
+                note = ("cudagraph_capture lazy: captured eagerly, since with tensor parallelism the "
+                        "capture thread's collectives would interleave with the main thread's in an "
+                        "order that differs across ranks")
+                log.warning(note)
+                record.warnings.append(note)
+                self._capture()
+            elif lazy:
+                self._start_lazy_capture()
+            else:
+                self._capture()
         return record
+
+    def _prepare_capture(self, pool: Any) -> tuple[bool, bool]:
+        """Static buffers, the pool, the piecewise wrappers; (piecewise, full) for the mode."""
+        self._buffers = [t.clone() for t in self.dummy_inputs(self.config.max_capture_size)]
+        self.pool = pool
+        piecewise = self.mode.mixed_mode() == CUDAGraphMode.PIECEWISE
+        full = self.mode.has_full_cudagraphs()
+        if piecewise:
+            self._piecewise = [PiecewiseGraphs(runner, self.pool)
+                               for runner in self.backend.runners if not runner.is_splitting]
+        return piecewise, full
 
     def _capture(self) -> None:
         config, record = self.config, self.record
         sizes = list(config.cudagraph_capture_sizes or [])  # largest first
-        self._buffers = [t.clone() for t in self.dummy_inputs(config.max_capture_size)]
-        self.pool = GraphPool()
-        piecewise = self.mode.mixed_mode() == CUDAGraphMode.PIECEWISE
-        full = self.mode.has_full_cudagraphs()
-        if piecewise:
-            for runner in self.backend.runners:
-                if not runner.is_splitting:
-                    PiecewiseGraphs(runner, self.pool)
+        cuda = self._buffers_device().type == "cuda"
+        piecewise, full = self._prepare_capture(self._injected_pool or GraphPool())
         with record.phase("capture", "capture") as facts, torch.no_grad(), fast_capture():
-            free_before = torch.cuda.mem_get_info()[0]
+            free_before = torch.cuda.mem_get_info()[0] if cuda else 0
             for size in sizes:
                 inputs = [b[:size] for b in self._buffers]
                 if piecewise:
@@ -152,13 +197,131 @@ class KilnModel:
                 if full:
                     for _ in range(config.cudagraph_num_of_warmups):
                         self.forward_fn(*inputs)
-                    self.full_graphs[size] = self.pool.capture("full", size, lambda: self.forward_fn(*inputs))
-            torch.cuda.synchronize()
+                    self.full_graphs[size] = self.pool.capture(
+                        "full", size, lambda inputs=inputs: self.forward_fn(*inputs))  # bound now, not late
+            if cuda:
+                torch.cuda.synchronize()
+            self._piecewise_graphed = frozenset(sizes) if piecewise else frozenset()
             facts["sizes"] = len(sizes)
             facts["graphs"] = len(self.pool.stats)
-            facts["gib"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**30
+            facts["gib"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**30 if cuda else 0.0
             facts["mode"] = self.mode.name
+            facts["timing"] = "eager"
         self.cudagraph_status = f"cudagraphs: {self.mode.name}, {len(sizes)} sizes, {facts['gib']:.3f} GiB"
+
+    def _buffers_device(self) -> torch.device:
+        return self.dummy_inputs(1)[0].device
+
+    # ---- lazy capture -----------------------------------------------------------------------
+
+    def _start_lazy_capture(self) -> None:
+        """Set everything up that dispatch needs, then start the capture thread and return."""
+        config = self.config
+        device = self._buffers_device()
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        pool = self._injected_pool if self._injected_pool is not None else GraphPool(stream=stream)
+        piecewise, full = self._prepare_capture(pool)
+        self._lazy_plan = (piecewise, full, stream)
+        order = config.lazy_capture_order()
+        ready_at = time.time()
+        self.lazy = LazyCapture(order, self._capture_size_lazily, ready_at=ready_at,
+                                on_error=self._lazy_capture_failed)
+        self.record.phases.append(Phase("capture (lazy, background)", "capture", ready_at, ready_at, 0.0, {
+            "timing": "lazy", "sizes": len(order), "order": order, "mode": self.mode.name}))
+        self.cudagraph_status = (f"cudagraphs: {self.mode.name}, {len(order)} sizes, lazy capture in the "
+                                 "background")
+        self.lazy.start()
+
+    def _lazy_capture_failed(self, size: int, error: str) -> None:
+        self.record.warnings.append(f"lazy capture of size {size} failed, it runs without CUDA graphs: {error}")
+        if size not in self._piecewise_graphed:  # drop the pieces captured before the failure
+            for graphs in self._piecewise:
+                graphs.graphs.pop(size, None)
+
+    def _capture_size_lazily(self, size: int) -> None:
+        """Capture one size on the capture thread, then publish it (runs in LazyCapture's thread).
+
+        Why this is sound next to a main thread that serves batches at the same time:
+        - Streams. Everything here runs on the thread's own side stream (a non-blocking stream
+          from torch's pool, so launches on the main thread's stream, even the legacy default
+          one, never synchronise with it); captures use capture_error_mode "thread_local"
+          (GraphPool), so the main thread's cudaMalloc, syncs and launches neither fail nor
+          invalidate a capture. The current stream and grad mode are per thread in torch.
+        - Inputs. The warm-ups and the capture run on inputs of their own, padding rows made
+          here (`dummy_inputs`), never on kiln's static buffers `_buffers`, which the main
+          thread writes real batches into. A graph therefore reads these private tensors: a
+          full graph's replay first copies the staged rows from `_buffers` into them
+          (`_full_inputs`, a few small copies per replay); a piecewise graph copies any input
+          whose address differs from its capture's (PiecewiseGraphs does that already).
+        - KV cache. Padding rows carry the model's pad_values (the spare KV slot), so the
+          attention that runs eagerly between piecewise captures, and the warm-ups, write only
+          the spare slot, which no real row reads; the main thread's padding rows write it too,
+          both garbage, neither ever read.
+        - Memory pool. All graphs share one pool, as in eager capture, captured in
+          lazy_capture_order (smallest first by default) instead of largest first. Only the
+          capture stream allocates from the pool (torch routes a pool's allocations by the
+          capturing stream), a capture launches nothing (so it never writes pool memory that a
+          replay on the main stream is using), the eager ops run during a piecewise capture
+          only read pool memory (garbage, like in eager capture) and write their own, and all
+          replays run on the main thread's stream one after another. What shrinks is reuse:
+          a small size captured first cannot hand a larger one all of its memory, so the pool
+          can end larger than eager capture's (the capture stats and the report give the bytes).
+        - Publication. A size becomes visible to dispatch only when all its graphs are captured
+          and the capture stream is synchronised (the eager attention of a piecewise capture
+          writes tensors that later graphs copy into): piecewise by replacing the frozenset
+          `_piecewise_graphed`, full by assigning `full_graphs[size]` after its inputs. Each is
+          one reference store, atomic for the main thread (which never sees half a size).
+        - Threads. Only the capture thread ever captures; compiled pieces are re-entrant
+          (Inductor's code allocates its outputs per call; kiln's runtime state is a
+          threading.local). The GIL is shared, so the main thread's Python runs interleaved with
+          this thread's, which slows it a little while capturing but never blocks it on a
+          capture. Not for free-threaded Python builds.
+        """
+        piecewise, full, stream = self._lazy_plan
+        cuda = stream is not None
+        warmups = self.config.cudagraph_num_of_warmups
+        with torch.no_grad(), (torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
+            inputs = self.dummy_inputs(size)  # private, padding rows only
+            if piecewise:
+                for _ in range(warmups):
+                    with graph_runtime(True, size):
+                        self.forward_fn(*inputs)
+                with graph_runtime(True, size, capturing=True):
+                    self.forward_fn(*inputs)
+                if cuda:
+                    stream.synchronize()
+                self._piecewise_graphed = self._piecewise_graphed | {size}
+            if full:
+                for _ in range(warmups):
+                    self.forward_fn(*inputs)
+                forward = self.forward_fn  # (the graph's closure must not hold the KilnModel)
+                entry = self.pool.capture("full", size, lambda: forward(*inputs))
+                if cuda:
+                    stream.synchronize()
+                self._full_inputs[size] = inputs
+                self.full_graphs[size] = entry
+
+    def capture_summary(self) -> dict[str, Any] | None:
+        """How capture went: lazy, a snapshot of LazyCapture.summary() (per size: state, seconds,
+        seconds after ready) plus the pool's bytes so far; eager, the capture phase's facts;
+        None without graphs."""
+        if self.lazy is not None:
+            out = self.lazy.summary()
+            out["mode"] = self.mode.name
+            out["gib"] = sum(s.bytes for s in getattr(self.pool, "stats", [])) / 2**30
+            return out
+        phase = next((p for p in self.record.phases if p.kind == "capture"), None)
+        return dict(phase.extra) if phase is not None else None
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the lazy capture thread (after the size it is capturing) and join it; True when
+        no capture thread runs any more. Graphs captured so far stay usable."""
+        return self.lazy.close(timeout) if self.lazy is not None else True
+
+    def __del__(self) -> None:
+        lazy = self.__dict__.get("lazy")
+        if lazy is not None:
+            lazy.close(timeout=0.0)
 
     # ---- run ----------------------------------------------------------------------------------
 
@@ -198,11 +361,21 @@ class KilnModel:
         if routine == CUDAGraphMode.NONE:
             return self.forward_fn(*inputs)
         size = self.config.bs_to_padded_graph_size[n]
-        self._stage_inputs(inputs, n, size)
         if routine == CUDAGraphMode.FULL:
-            graph, out = self.full_graphs[size]
+            entry = self.full_graphs.get(size)
+            if entry is None:  # lazy capture has not got to this size: no graphs, no waiting
+                return self.forward_fn(*inputs)
+            self._stage_inputs(inputs, n, size)
+            graph, out = entry
+            private = self._full_inputs.get(size)
+            if private is not None:  # captured lazily, on inputs of its own
+                for dst, buf in zip(private, self._buffers):
+                    dst.copy_(buf[:size])
             graph.replay()
         else:
+            if size not in self._piecewise_graphed:  # not captured yet (lazy): no graphs
+                return self.forward_fn(*inputs)
+            self._stage_inputs(inputs, n, size)
             with graph_runtime(True, size):
                 out = self.forward_fn(*[b[:size] for b in self._buffers])
         return _rows(out, n)
