@@ -77,7 +77,9 @@ def compile_forward(
     if level == CompilationLevel.DYNAMO_ONCE:
         return TraceOnce(module, _dynamo_backend(config)), None
     backend = PiecewiseBackend(config, store, rank=rank, record=record)
-    cache = TraceCache(store, backend.config_hash) if store is not None and trace_cache_enabled() else None
+    # debug_dump_path asks for the traced graphs on disk: only a trace writes them.
+    keep = store is not None and trace_cache_enabled() and not config.debug_dump_path
+    cache = TraceCache(store, backend.config_hash) if keep else None
     return TraceOnce(module, backend, cache=cache), backend
 
 

@@ -154,6 +154,7 @@ class PiecewiseBackend:
         self._index: dict[str, dict[str, Any]] = {}
         self._inductor_patches = inductor_config_patches(config)
         self._replay_files: list[str] | None = None
+        self._replay_loaded: dict[str, int] = {}  # graph key -> bytes, see replaying()
         self.split_gm: fx.GraphModule | None = None
         self.piece_records: list[dict[str, Any]] = []
         """Per piece, what a cached trace needs to rebuild it (see describe())."""
@@ -164,12 +165,15 @@ class PiecewiseBackend:
         """For the block, the graph comes from the trace cache (traced `files` given, no Dynamo
         context to ask): every piece must load, and a miss raises TraceNeeded; any failure leaves
         the record's counters as they were (pieces loaded so far stay in this process's memory)."""
-        saved = self.record.counters()
+        saved, before = self.record.counters(), set(self._done)
         self._replay_files = list(files)
         try:
             yield
         except Exception:
             self.record.restore_counters(saved)
+            # What it loaded stays loaded; the trace that follows counts it as the cache hit it was.
+            nbytes = {v["graph_key"]: v["bytes"] or 0 for v in self._index.values()}
+            self._replay_loaded.update({k: nbytes.get(k, 0) for k in set(self._done) - before})
             raise
         finally:
             self._replay_files = None
@@ -295,7 +299,13 @@ class PiecewiseBackend:
              compile_fn: Callable[[], tuple[Callable[..., Any], bytes]]) -> Callable[..., Any]:
         record = self.record
         if graph_key in self._done:
-            record.memory_dedup_hits += 1
+            if graph_key in self._replay_loaded:  # loaded from the cache by an abandoned replay
+                nbytes = self._replay_loaded.pop(graph_key)
+                record.cache_hits += 1
+                record.artifacts_loaded += 1
+                record.bytes_loaded += nbytes
+            else:
+                record.memory_dedup_hits += 1
             self._note_index(piece, size, graph_key, None)
             fn = self._done[graph_key]
         else:

@@ -159,7 +159,8 @@ class CompilationConfig(BaseModel):
 
     debug_dump_path: str = ""
     """Directory for debug dumps, "" for none: at level 3 each rank writes the traced graph,
-    the split graph and every piece's code to `<path>/rank_<r>/` (never part of the hash)."""
+    the split graph and every piece's code to `<path>/rank_<r>/` (never part of the hash). Set,
+    the start always traces with Dynamo (a cached trace would have no graphs to write)."""
 
     # What follows from the fields, derived once (in model_post_init, then by _resolve and
     # init_with_cudagraph_sizes); never dumped, never hashed on their own. Plain assignments
