@@ -99,6 +99,7 @@ def compile_variants(gpu: bool, work: str) -> list[dict]:
                 env["TRITON_CACHE_DIR"] = os.path.join(env["TORCHINDUCTOR_CACHE_DIR"], "triton")
             results[label] = run_child({"variant": "kiln" if variant == "kiln" else "torch", "gpu": gpu,
                                         "root": root}, env)
+            print(f"# {variant} {label}: {json.dumps(results[label])}", flush=True)
         rows.append({"variant": f"{variant} ({'Llama-3.2-1B shape' if gpu else 'tiny Llama, 3 layers'})",
                      **results})
     return rows
@@ -146,6 +147,7 @@ def warmup_variants(gpu: bool, work: str) -> list[dict]:
             raise RuntimeError(f"{label}: exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
         rows.append({"variant": name, "label": label, "command_s": time.perf_counter() - t0,
                      **_rank_facts(report)})
+        print(f"# warmup {label}: {json.dumps(rows[-1])}", flush=True)
         if not gpu and label == "warm":
             break  # no CUDA graphs on the CPU: lazy capture has nothing to capture
     return rows
