@@ -12,7 +12,10 @@ where Inductor fuses them; only this part is opaque, because no fixed-shape torc
 "each expert over its own rows" without either a data-dependent slice (a host sync) or running
 every expert on every row (E / top-k times the work).
 
-- CUDA, bfloat16, sm90/sm100: two grouped matmuls (torch's grouped GEMM, through
+- CUDA, bfloat16 or float16, at most 64 rows (decode: batch 8 at top-8; $KILN_MOE_TRITON_MAX_ROWS
+  changes it, 0 turns it off): two Triton kernels that read each row's expert weights directly,
+  the SiLU-mul fused into the first (moe_triton.py); no empty-expert work, no host sync.
+- CUDA, bfloat16, sm90/sm100, more rows: two grouped matmuls (torch's grouped GEMM, through
   torch_internals) and the activation between them; no loop over experts, nothing read back to
   the host, so a decode step with it is captured in one CUDA graph.
 - Elsewhere (the CPU, and the reference): a Python loop over the experts on the host-read
@@ -32,6 +35,7 @@ import torch
 from kiln.workers import torch_internals
 from kiln.workers.layers.activation import silu_and_mul_ref
 from kiln.workers.layers.custom_op import register_eager_impl
+from kiln.workers.layers.moe_triton import triton_moe_experts, triton_moe_supported
 
 
 def experts_loop(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -57,9 +61,9 @@ def experts_grouped(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tenso
     return torch_internals.grouped_mm(a, down.transpose(1, 2), offsets)  # [M, H]
 
 
-CAPTURE_HINT = ("kiln::moe_experts on CUDA is captured in a CUDA graph only through torch's grouped "
-                "matmul: bfloat16 weights on an sm90/sm100 GPU, hidden and per-rank intermediate sizes "
-                "multiples of 8")
+CAPTURE_HINT = ("kiln::moe_experts on CUDA is captured in a CUDA graph only through its Triton kernels "
+                "(bfloat16/float16, few rows) or torch's grouped matmul: bfloat16 weights on an "
+                "sm90/sm100 GPU, hidden and per-rank intermediate sizes multiples of 8")
 
 
 def grouped_path(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -75,6 +79,8 @@ def moe_experts_impl(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tens
     assert x.dim() == 2 and gate_up.dim() == 3 and down.dim() == 3, (x.shape, gate_up.shape, down.shape)
     assert offsets.shape == (gate_up.shape[0],) and offsets.dtype == torch.int32, (offsets.shape, offsets.dtype)
     if x.is_cuda:
+        if triton_moe_supported(x, gate_up, down):
+            return triton_moe_experts(x, offsets, gate_up, down)
         if grouped_path(x, gate_up, down):
             return experts_grouped(x, offsets, gate_up, down)
         if torch.cuda.is_current_stream_capturing():

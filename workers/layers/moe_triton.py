@@ -1,0 +1,184 @@
+"""The decode path of `kiln::moe_experts`: two Triton kernels that read each row's expert weights
+directly (a gathered GEMV), for the few rows of a decode step.
+
+torch's grouped matmul (moe_experts.py) is built for large groups: at batch 1 a Qwen3-30B-A3B
+layer has 8 rows spread over 8 of 128 experts, and each grouped GEMM pads every row to a whole
+tile and runs as its own kernel, with the SiLU-mul a third one between them. Here:
+
+    x:       [M, K]      rows sorted by expert (K = hidden)
+    offsets: [E] int32   cumulative row counts (expert e owns rows offsets[e-1]..offsets[e])
+    gate_up: [E, 2I, K]  gate rows 0..I, then up rows I..2I (K contiguous: as stored)
+    down:    [E, H, I]   (H = K; I contiguous)
+
+    1. _gate_up_silu_kernel, grid (M, I / BLOCK_N): program (m, j) finds row m's expert e from
+       `offsets` (the count of offsets <= m, on the device), reads gate_up[e, j-th block of gate
+       rows, :] and the matching up rows, and writes a[m, block] = silu(gate·x[m]) * (up·x[m])
+       in float32 (fp32 accumulation over K; a never rounds to bf16, unlike the grouped path).
+    2. _down_kernel, grid (M, H / BLOCK_H): out[m, block] = down[e, block, :] · a[m], stored in
+       x's dtype.
+
+Only rows that exist launch programs (no work for empty experts), programs of the same output
+block and consecutive rows — rows of the same expert — run side by side, so an expert chosen by
+several tokens is read from HBM about once and from L2 after. Every size comes from the shapes
+and the loop bounds are constants: nothing reads back to the host, and the launches are captured
+in a CUDA graph (the kernels compile on the first, uncaptured call: kiln's warm-up runs).
+
+Triton is imported lazily: on a CPU build (or a torch without Triton) this module imports and
+`triton_moe_supported` says False; only a launch needs CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU builds have none and use the torch path.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+DEFAULT_MAX_ROWS = 64
+"""Rows (tokens × top-k) up to which the Triton path runs; above, torch's grouped matmul. 64 is
+batch 8 at top-8: measured on an H200 at Qwen3-30B-A3B's shapes (benchmarks/moe_decode.py
+--op-sweep), the gathered GEMV wins while rows are fewer than about half the experts, since each
+row then reads a whole expert that no other row shares; at batch 64 (512 rows over ~126 experts)
+every expert serves ~4 rows and the grouped GEMM's tiles reuse them."""
+MAX_ROWS_ENV = "KILN_MOE_TRITON_MAX_ROWS"
+"""Overrides DEFAULT_MAX_ROWS (0 turns the Triton path off): read at each call, outside any trace."""
+BLOCKS_ENV = "KILN_MOE_TRITON_BLOCKS"
+"""Overrides block_sizes(): four comma-separated powers of two (for the benchmark's sweep)."""
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def max_rows() -> int:
+    value = os.environ.get(MAX_ROWS_ENV)
+    return DEFAULT_MAX_ROWS if value in (None, "") else int(value)
+
+
+def choose_triton(device_type: str, dtype: torch.dtype, weight_dtype: torch.dtype, rows: int,
+                  triton_available: bool, limit: int) -> bool:
+    """The dispatch rule, on plain values: CUDA, Triton importable, bf16/fp16 rows and weights of
+    the same dtype, and at most `limit` rows (0 rows: nothing to launch, either path will do)."""
+    return (device_type == "cuda" and triton_available and dtype in DTYPES and weight_dtype == dtype
+            and 0 < rows <= limit)
+
+
+def triton_moe_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether kiln::moe_experts takes the Triton path for these tensors (DEFAULT_MAX_ROWS or
+    $KILN_MOE_TRITON_MAX_ROWS rows at most); also needs contiguous last dimensions."""
+    if not choose_triton(x.device.type, x.dtype, gate_up.dtype if gate_up.dtype == down.dtype else None,
+                         x.shape[0], triton is not None, max_rows()):
+        return False
+    return x.stride(-1) == 1 and gate_up.stride(-1) == 1 and down.stride(-1) == 1
+
+
+def block_sizes(rows: int, inter: int, hidden: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K of the gate/up kernel, BLOCK_H, BLOCK_I of the down kernel): small output
+    blocks so that a handful of rows still spreads over every multiprocessor (batch 1: 8 rows ×
+    768/16 blocks = 384 programs on 132 SMs), wide K blocks so each program streams long runs."""
+    value = os.environ.get(BLOCKS_ENV)
+    if value:
+        sizes = tuple(int(v) for v in value.split(","))
+        assert len(sizes) == 4 and all(s > 0 and s & (s - 1) == 0 for s in sizes), f"{BLOCKS_ENV}={value!r}"
+        return sizes  # type: ignore[return-value]
+    return 16, 256, 32, 128
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expert_of_row(offsets_ptr, row, E: tl.constexpr, E_PAD: tl.constexpr):
+        """The expert owning `row`: how many cumulative counts are <= row (clamped to E - 1 so a
+        malformed `offsets` cannot index past the weights)."""
+        e = tl.arange(0, E_PAD)
+        ends = tl.load(offsets_ptr + e, mask=e < E, other=2**30)
+        expert = tl.sum((ends <= row).to(tl.int32), axis=0)
+        return tl.minimum(expert, E - 1).to(tl.int64)
+
+    @triton.jit
+    def _gate_up_silu_kernel(
+        x_ptr, offsets_ptr, w_ptr, a_ptr,
+        stride_xm, stride_we, stride_wn, stride_am,
+        K: tl.constexpr, I: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        block = tl.program_id(1)
+        expert = _expert_of_row(offsets_ptr, row, E, E_PAD)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] of this expert's I
+        col_ok = cols < I
+        ks = tl.arange(0, BLOCK_K)
+        gate_rows = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
+        up_rows = gate_rows + I * stride_wn
+        x_row = x_ptr + row.to(tl.int64) * stride_xm
+        acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ks
+            k_ok = k < K
+            xk = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_K]
+            w_ok = col_ok[:, None] & k_ok[None, :]
+            g = tl.load(gate_rows + k[None, :], mask=w_ok, other=0.0)  # [BLOCK_N, BLOCK_K]
+            u = tl.load(up_rows + k[None, :], mask=w_ok, other=0.0)
+            acc_gate += g.to(tl.float32) * xk
+            acc_up += u.to(tl.float32) * xk
+        gate = tl.sum(acc_gate, axis=1)  # [BLOCK_N]
+        up = tl.sum(acc_up, axis=1)
+        a = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
+        tl.store(a_ptr + row.to(tl.int64) * stride_am + cols, a, mask=col_ok)
+
+    @triton.jit
+    def _down_kernel(
+        a_ptr, offsets_ptr, w_ptr, out_ptr,
+        stride_am, stride_we, stride_wh, stride_om,
+        I: tl.constexpr, H: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        block = tl.program_id(1)
+        expert = _expert_of_row(offsets_ptr, row, E, E_PAD)
+        hs = block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] output columns
+        h_ok = hs < H
+        js = tl.arange(0, BLOCK_I)
+        w_rows = w_ptr + expert * stride_we + hs[:, None].to(tl.int64) * stride_wh  # [BLOCK_H, 1]
+        a_row = a_ptr + row.to(tl.int64) * stride_am
+        acc = tl.zeros([BLOCK_H, BLOCK_I], dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            i = i0 + js
+            i_ok = i < I
+            ai = tl.load(a_row + i, mask=i_ok, other=0.0)[None, :]  # [1, BLOCK_I], fp32
+            w = tl.load(w_rows + i[None, :], mask=h_ok[:, None] & i_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * ai
+        out = tl.sum(acc, axis=1)  # [BLOCK_H]
+        tl.store(out_ptr + row.to(tl.int64) * stride_om + hs, out.to(out_ptr.dtype.element_ty), mask=h_ok)
+
+
+def triton_moe_experts(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor,
+                       down: torch.Tensor) -> torch.Tensor:
+    """[M, H]: each row's expert MLP, down_e · (silu(gate_e · x) * (up_e · x)); shapes as in the
+    module docstring. Two launches, no host sync."""
+    assert triton is not None, "Triton is not installed"
+    m, k = x.shape
+    e, two_i, k_w = gate_up.shape
+    inter = two_i // 2
+    assert k_w == k and down.shape == (e, k, inter) and offsets.shape == (e,), (x.shape, gate_up.shape, down.shape)
+    assert x.stride(-1) == gate_up.stride(-1) == down.stride(-1) == 1, "needs contiguous last dimensions"
+    out = x.new_empty(m, k)  # [M, H]
+    if m == 0:
+        return out
+    a = torch.empty(m, inter, device=x.device, dtype=torch.float32)  # [M, I]: silu(gate) * up
+    block_n, block_k, block_h, block_i = block_sizes(m, inter, k)
+    e_pad = triton.next_power_of_2(e)
+    _gate_up_silu_kernel[(m, triton.cdiv(inter, block_n))](
+        x, offsets, gate_up, a,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), a.stride(0),
+        K=k, I=inter, E=e, E_PAD=e_pad, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    _down_kernel[(m, triton.cdiv(k, block_h))](
+        a, offsets, down, out,
+        a.stride(0), down.stride(0), down.stride(1), out.stride(0),
+        I=inter, H=k, E=e, E_PAD=e_pad, BLOCK_H=block_h, BLOCK_I=block_i, num_warps=4,
+    )
+    return out
