@@ -3,7 +3,7 @@
     python benchmarks/moe_decode.py --part kiln --out DIR [--profile]  # kiln, routing, the floors
     python benchmarks/moe_decode.py --part kiln --triton-max-rows 0 --tag grouped --no-floor --out DIR
                                                                    # kiln with grouped matmuls only
-    python benchmarks/moe_decode.py --part op --out DIR            # kiln::moe_experts alone: Triton vs grouped
+    python benchmarks/moe_decode.py --part op --out DIR            # the experts alone: Triton vs grouped
     python benchmarks/moe_decode.py --part transformers --out DIR  # transformers eager + static
     python benchmarks/moe_decode.py --part warmup --out DIR        # cold and warm `kiln warmup`
     python benchmarks/moe_decode.py --combine DIR                  # one table from the parts
@@ -13,13 +13,14 @@ token, expert intermediate 768, hidden 2048, 32 query / 4 KV heads of 128), dumm
 (~61 GB in bf16, drawn on the GPU), bf16, TP=1, one GPU. Each variant decodes one token per
 sequence at `--context` tokens of context, batch 1/8/64:
 - kiln: the zoo model through KilnModel, FULL_AND_PIECEWISE (decode steps replay one full CUDA
-  graph; experts through kiln::moe_experts: its Triton kernels up to --triton-max-rows rows,
+  graph; experts through kiln::moe_routed: its Triton kernels up to --triton-max-rows rows,
   torch's grouped matmuls above); --profile: torch.profiler over replays of the batch-1 and -8
   steps, a kernel table grouped into dense matmuls, experts, routing, attention, norm, other
   (profile_kiln_b{N}.txt beside the JSON);
-- op: kiln::moe_experts alone at the model's shapes, Triton kernels against grouped matmuls at
-  8..512 rows (tokens × top-8), over 8 layers' weights in one CUDA graph (so L2 holds none), and
-  the Triton kernels' block sizes (what sets moe_triton's defaults and its row limit);
+- op: one layer's experts alone at the model's shapes (kiln::moe_routed's Triton kernels, the
+  same op on the grouped matmuls, and kiln::moe_experts' two paths on sorted rows) at 1..64
+  tokens (8..512 rows), over 8 layers' weights in one CUDA graph (so L2 holds none), and the
+  Triton kernels' block sizes: what sets moe_triton's defaults and its row limit;
 - routing: the distinct experts a decode step touches per layer (measured with the same weights
   and inputs; at most min(128, 8·batch)), which set the active weight bytes;
 - floor: the step's weight matmuls alone in one CUDA graph: every layer's QKV, O and router, the
@@ -241,12 +242,18 @@ def moe_triton_max_rows() -> int:
 
 
 def run_op_sweep(args, out: dict) -> None:
-    """kiln::moe_experts alone at Qwen3-30B-A3B's expert shapes: the Triton kernels against the
-    grouped matmuls at 8..512 rows, each over LAYERS distinct layers' weights in one CUDA graph
-    (so L2 holds none of them), and the Triton kernels' block sizes at 8 and 64 rows."""
+    """The experts of one MoE layer alone at Qwen3-30B-A3B's shapes, each variant over LAYERS
+    distinct layers' weights in one CUDA graph (so L2 holds none of them), µs per layer:
+    - routed_triton: kiln::moe_routed's Triton kernels (what a decode step runs: unsorted pairs,
+      the weighted sum fused), at any row count (the row limit lifted for the sweep);
+    - routed_grouped: kiln::moe_routed with the Triton path off: sort, gather, two grouped
+      matmuls, weighted sum (eager here; Inductor fuses the small ops in kiln's CPU-traced form);
+    - sorted_triton / grouped: kiln::moe_experts' Triton kernels and grouped matmuls alone on
+      rows already sorted;
+    and the Triton kernels' block sizes at 1 and 8 tokens."""
     from kiln.workers.layers import moe_triton
-    from kiln.workers.layers.moe import group_by_expert
-    from kiln.workers.layers.moe_experts import experts_grouped
+    from kiln.workers.layers.moe import group_by_expert, route
+    from kiln.workers.layers.moe_experts import experts_grouped, moe_routed_impl
 
     cfg = QWEN3_30B_A3B
     e, h, inter, top_k = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"]
@@ -257,51 +264,66 @@ def run_op_sweep(args, out: dict) -> None:
                for _ in range(layers)]
 
     def inputs(tokens: int):
-        scores = torch.rand(tokens, e, device="cuda", generator=gen)
-        order, offsets = group_by_expert(scores.topk(top_k, dim=-1).indices, e)
+        logits = torch.randn(tokens, e, device="cuda", generator=gen)
+        w, chosen = route(logits, top_k, softmax_first=True, renormalize=True)
         x = torch.randn(tokens, h, device="cuda", dtype=torch.bfloat16, generator=gen)
-        return x[order // top_k].contiguous(), offsets, int((offsets.diff(prepend=offsets.new_zeros(1)) > 0).sum())
+        order, offsets = group_by_expert(chosen, e)
+        active = int(chosen.unique().numel())
+        return x, w, chosen, x[order // top_k].contiguous(), offsets, active
 
-    def time_graph(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+    def time_graph(fn, limit: int | None = None) -> float:
+        old = os.environ.get(moe_triton.MAX_ROWS_ENV)
+        if limit is not None:
+            os.environ[moe_triton.MAX_ROWS_ENV] = str(limit)
+        try:
             fn()
-        ms = median_ms(graph.replay, steps=args.steps, warmup=5)
-        del graph
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            ms = median_ms(graph.replay, steps=args.steps, warmup=5)
+            del graph
+        finally:
+            if old is None:
+                os.environ.pop(moe_triton.MAX_ROWS_ENV, None)
+            else:
+                os.environ[moe_triton.MAX_ROWS_ENV] = old
         return ms * 1e3 / layers  # µs per layer
 
-    def bytes_per_layer(active: int) -> int:
-        return 2 * active * 3 * h * inter
+    def tb_s(active: int, us: float) -> float:
+        return 2 * active * 3 * h * inter / us / 1e6
 
     rows_out = []
     for tokens in (1, 2, 4, 8, 16, 32, 64):
-        x, offsets, active = inputs(tokens)
+        x, w, chosen, rows, offsets, active = inputs(tokens)
         row = {"tokens": tokens, "rows": tokens * top_k, "active_experts": active}
-        row["triton_us"] = time_graph(lambda: [moe_triton.triton_moe_experts(x, offsets, gu, dn) for gu, dn in weights])
-        row["grouped_us"] = time_graph(lambda: [experts_grouped(x, offsets, gu, dn) for gu, dn in weights])
-        row["triton_tb_s"] = bytes_per_layer(active) / row["triton_us"] / 1e6
-        row["grouped_tb_s"] = bytes_per_layer(active) / row["grouped_us"] / 1e6
+        row["routed_triton_us"] = time_graph(lambda: [moe_routed_impl(x, w, chosen, gu, dn) for gu, dn in weights],
+                                             limit=10**9)
+        row["routed_grouped_us"] = time_graph(lambda: [moe_routed_impl(x, w, chosen, gu, dn) for gu, dn in weights],
+                                              limit=0)
+        row["sorted_triton_us"] = time_graph(
+            lambda: [moe_triton.triton_moe_experts(rows, offsets, gu, dn) for gu, dn in weights])
+        row["grouped_us"] = time_graph(lambda: [experts_grouped(rows, offsets, gu, dn) for gu, dn in weights])
+        row["routed_triton_tb_s"] = tb_s(active, row["routed_triton_us"])
+        row["grouped_tb_s"] = tb_s(active, row["grouped_us"])
         rows_out.append(row)
         print(row, flush=True)
         out["op_sweep"] = rows_out
         save(args, out)
     blocks = []
     for tokens in (1, 8):
-        x, offsets, active = inputs(tokens)
+        x, w, chosen, _, _, active = inputs(tokens)
         for config in ("16,256,32,128", "8,256,16,128", "32,256,32,256", "16,512,32,256", "32,128,64,128",
                        "8,512,16,256", "64,128,64,128"):
             os.environ[moe_triton.BLOCKS_ENV] = config
             try:
-                us = time_graph(lambda: [moe_triton.triton_moe_experts(x, offsets, gu, dn) for gu, dn in weights])
+                us = time_graph(lambda: [moe_triton.triton_moe_routed(x, w, chosen, gu, dn) for gu, dn in weights])
             except Exception as exc:  # noqa: BLE001 - a config that does not compile: report it
                 us = None
                 out.setdefault("errors", []).append(f"blocks {config}: {type(exc).__name__}: {exc}"[:300])
             finally:
                 del os.environ[moe_triton.BLOCKS_ENV]
-            blocks.append({"tokens": tokens, "blocks": config, "triton_us": us,
-                           "tb_s": bytes_per_layer(active) / us / 1e6 if us else None})
+            blocks.append({"tokens": tokens, "blocks": config, "triton_us": us, "tb_s": tb_s(active, us) if us else None})
             print(blocks[-1], flush=True)
             out["block_sweep"] = blocks
             save(args, out)
@@ -462,8 +484,10 @@ def combine(directory: str) -> None:
                         "dense_floor_ms", "floor_tb_s", "kiln_tb_s", "kiln_vs_floor", "kiln_vs_best_hf"])
     if parts.get("op", {}).get("op_sweep"):
         print("kiln::moe_experts alone (us per layer):")
-        print_table(parts["op"]["op_sweep"], ["tokens", "rows", "active_experts", "triton_us", "grouped_us",
-                                              "triton_tb_s", "grouped_tb_s"])
+        print_table(parts["op"]["op_sweep"], ["tokens", "rows", "active_experts", "routed_triton_us",
+                                              "routed_grouped_us", "sorted_triton_us", "grouped_us",
+                                              "routed_triton_tb_s", "grouped_tb_s"])
+        print_table(parts["op"].get("block_sweep", []), ["tokens", "blocks", "triton_us", "tb_s"])
     for part in parts.values():
         for error in part.get("errors", []):
             print("error:", error)
@@ -485,7 +509,7 @@ def main() -> None:
     parser.add_argument("--hf-budget-s", type=float, default=0.0,
                         help="transformers: start no new measurement after this many seconds (0: no limit)")
     parser.add_argument("--triton-max-rows", type=int, default=None,
-                        help="kiln::moe_experts' Triton row limit for this run ($KILN_MOE_TRITON_MAX_ROWS; 0: off)")
+                        help="kiln's MoE Triton row limit for this run ($KILN_MOE_TRITON_MAX_ROWS; 0: off)")
     parser.add_argument("--tag", default="", help="kiln: write moe_kiln_TAG.json (e.g. grouped)")
     parser.add_argument("--cache-dir", default=None, help="kiln's compile cache (default: a fresh temp dir)")
     parser.add_argument("--no-floor", action="store_true")

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from kiln import CompilationConfig, Orchestrator
 from kiln.cache import CacheStore
 from kiln.workers.layers.custom_op import building_with
-from kiln.workers.layers.moe import SparseMoE, group_by_expert
+from kiln.workers.layers.moe import ExpertWeights, SparseMoE, combine, group_by_expert, route
 from kiln.workers.layers import moe_triton
-from kiln.workers.layers.moe_experts import experts_grouped, experts_loop, moe_experts_impl
+from kiln.workers.layers.moe_experts import experts_grouped, experts_loop, moe_experts_impl, moe_routed_impl
 from kiln.workers.models.hf_config import ConfigError, parse_hf_config
 from kiln.workers.models.loader import build
 from kiln.workers.runtime.generation import greedy_generate
@@ -213,8 +213,39 @@ def test_cpu_takes_the_loop_not_the_triton_kernels(monkeypatch):
         raise AssertionError("the Triton path ran on the CPU")
 
     monkeypatch.setattr("kiln.workers.layers.moe_experts.triton_moe_experts", no_triton)
+    monkeypatch.setattr("kiln.workers.layers.moe_experts.triton_moe_routed", no_triton)
     torch.testing.assert_close(moe_experts_impl(rows, offsets, gate_up, down),
                                experts_loop(rows, offsets, gate_up, down), rtol=0, atol=0)
+    # kiln::moe_routed (SparseMoE's op on CUDA) off the Triton path: sort, the experts, the sum
+    x = torch.randn(n, hidden, generator=gen).to(torch.bfloat16)
+    weights, chosen = route(torch.randn(n, experts, generator=gen), k, True, True)
+    order, offsets = group_by_expert(chosen, experts)
+    want = combine(experts_loop(x[order // k], offsets, gate_up, down), order, weights)
+    torch.testing.assert_close(moe_routed_impl(x, weights, chosen, gate_up, down), want, rtol=0, atol=0)
+
+
+def test_cpu_sparse_moe_traces_the_sort_around_moe_experts():
+    """On the CPU, SparseMoE runs the sort, kiln::moe_experts and the weighted sum as before;
+    kiln::moe_routed (its CUDA op) is not called."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    moe = SparseMoE(16, 8, 4, 2, softmax_first=True, renormalize=True, weights=ExpertWeights.fused_layout("mlp"),
+                    dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_()
+        with Ops() as ops:
+            moe(torch.randn(3, 16))
+    assert "kiln.moe_experts.default" in ops.names and "kiln.moe_routed.default" not in ops.names, ops.names
 
 
 @pytest.mark.parametrize(("device", "dtype", "weights", "rows", "available", "limit", "chosen"), [

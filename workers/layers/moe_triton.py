@@ -1,5 +1,5 @@
-"""The decode path of `kiln::moe_experts`: two Triton kernels that read each row's expert weights
-directly (a gathered GEMV), for the few rows of a decode step.
+"""The decode path of kiln's MoE experts: two Triton kernels that read each row's expert weights
+directly (a gathered GEMV), for the few rows of a decode step; in two forms, one per op.
 
 torch's grouped matmul (moe_experts.py) is built for large groups: at batch 1 a Qwen3-30B-A3B
 layer has 8 rows spread over 8 of 128 experts, and each grouped GEMM pads every row to a whole
@@ -16,6 +16,15 @@ tile and runs as its own kernel, with the SiLU-mul a third one between them. Her
        in float32 (fp32 accumulation over K; a never rounds to bf16, unlike the grouped path).
     2. _down_kernel, grid (M, H / BLOCK_H): out[m, block] = down[e, block, :] · a[m], stored in
        x's dtype.
+That is `triton_moe_experts` (kiln::moe_experts: rows already sorted). `triton_moe_routed`
+(kiln::moe_routed, what SparseMoE calls on CUDA) skips the sort and the weighted sum around it:
+
+    x: [N, K] tokens   experts: [N, k] int64 and weights: [N, k] float32 (the router's top-k)
+    1. the same kernel over the N·k pairs unsorted: pair p reads token p // k and expert
+       experts.flat[p] (given, not searched);
+    2. _down_kernel, grid (N, H / BLOCK_H): out[n, block] = Σ_j weights[n, j] ·
+       down[experts[n, j], block, :] · a[n·k + j], the k pairs summed in float32 in registers
+       (one program owns each output element: no atomics, deterministic), stored in x's dtype.
 
 Only rows that exist launch programs (no work for empty experts), programs of the same output
 block and consecutive rows — rows of the same expert — run side by side, so an expert chosen by
@@ -65,11 +74,13 @@ def choose_triton(device_type: str, dtype: torch.dtype, weight_dtype: torch.dtyp
             and 0 < rows <= limit)
 
 
-def triton_moe_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether kiln::moe_experts takes the Triton path for these tensors (DEFAULT_MAX_ROWS or
-    $KILN_MOE_TRITON_MAX_ROWS rows at most); also needs contiguous last dimensions."""
+def triton_moe_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, rows: int | None = None) -> bool:
+    """Whether the Triton path runs for these tensors and `rows` token-expert pairs (default: x's
+    rows), DEFAULT_MAX_ROWS or $KILN_MOE_TRITON_MAX_ROWS at most; also needs contiguous last
+    dimensions."""
+    rows = x.shape[0] if rows is None else rows
     if not choose_triton(x.device.type, x.dtype, gate_up.dtype if gate_up.dtype == down.dtype else None,
-                         x.shape[0], triton is not None, max_rows()):
+                         rows, triton is not None, max_rows()):
         return False
     return x.stride(-1) == 1 and gate_up.stride(-1) == 1 and down.stride(-1) == 1
 
@@ -89,30 +100,35 @@ def block_sizes(rows: int, inter: int, hidden: int) -> tuple[int, int, int, int]
 if triton is not None:
 
     @triton.jit
-    def _expert_of_row(offsets_ptr, row, E: tl.constexpr, E_PAD: tl.constexpr):
-        """The expert owning `row`: how many cumulative counts are <= row (clamped to E - 1 so a
-        malformed `offsets` cannot index past the weights)."""
-        e = tl.arange(0, E_PAD)
-        ends = tl.load(offsets_ptr + e, mask=e < E, other=2**30)
-        expert = tl.sum((ends <= row).to(tl.int32), axis=0)
-        return tl.minimum(expert, E - 1).to(tl.int64)
+    def _expert_of(ids_ptr, p, FROM_OFFSETS: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr):
+        """Pair/row p's expert: ids_ptr[p] (routed), or with FROM_OFFSETS (sorted rows) how many
+        cumulative counts in ids_ptr[0..E) are <= p. Clamped to 0..E-1 so that malformed
+        routing cannot index past the weights."""
+        if FROM_OFFSETS:
+            e = tl.arange(0, E_PAD)
+            ends = tl.load(ids_ptr + e, mask=e < E, other=2**30)
+            expert = tl.sum((ends <= p).to(tl.int32), axis=0)
+        else:
+            expert = tl.load(ids_ptr + p).to(tl.int32)
+        return tl.minimum(tl.maximum(expert, 0), E - 1).to(tl.int64)
 
     @triton.jit
     def _gate_up_silu_kernel(
-        x_ptr, offsets_ptr, w_ptr, a_ptr,
+        x_ptr, ids_ptr, w_ptr, a_ptr,
         stride_xm, stride_we, stride_wn, stride_am,
-        K: tl.constexpr, I: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        K: tl.constexpr, I: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
+        FROM_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        row = tl.program_id(0)
+        # a[p, cols] = silu(gate_e · x[p // TOP_K]) * (up_e · x[p // TOP_K]), e = row p's expert
+        p = tl.program_id(0)
         block = tl.program_id(1)
-        expert = _expert_of_row(offsets_ptr, row, E, E_PAD)
+        expert = _expert_of(ids_ptr, p, FROM_OFFSETS, E, E_PAD)
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] of this expert's I
         col_ok = cols < I
         ks = tl.arange(0, BLOCK_K)
         gate_rows = w_ptr + expert * stride_we + cols[:, None].to(tl.int64) * stride_wn  # [BLOCK_N, 1]
         up_rows = gate_rows + I * stride_wn
-        x_row = x_ptr + row.to(tl.int64) * stride_xm
+        x_row = x_ptr + (p // TOP_K).to(tl.int64) * stride_xm
         acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -127,58 +143,83 @@ if triton is not None:
         gate = tl.sum(acc_gate, axis=1)  # [BLOCK_N]
         up = tl.sum(acc_up, axis=1)
         a = gate / (1.0 + tl.exp(-gate)) * up  # silu(gate) * up
-        tl.store(a_ptr + row.to(tl.int64) * stride_am + cols, a, mask=col_ok)
+        tl.store(a_ptr + p.to(tl.int64) * stride_am + cols, a, mask=col_ok)
 
     @triton.jit
     def _down_kernel(
-        a_ptr, offsets_ptr, w_ptr, out_ptr,
+        a_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr,
         stride_am, stride_we, stride_wh, stride_om,
-        I: tl.constexpr, H: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
+        I: tl.constexpr, H: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
+        FROM_OFFSETS: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
-        row = tl.program_id(0)
+        # out[r, hs] = Σ_{j < TOP_K} weight[p] · down_e[hs, :] · a[p], p = r·TOP_K + j, e = p's expert
+        r = tl.program_id(0)
         block = tl.program_id(1)
-        expert = _expert_of_row(offsets_ptr, row, E, E_PAD)
         hs = block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] output columns
         h_ok = hs < H
         js = tl.arange(0, BLOCK_I)
-        w_rows = w_ptr + expert * stride_we + hs[:, None].to(tl.int64) * stride_wh  # [BLOCK_H, 1]
-        a_row = a_ptr + row.to(tl.int64) * stride_am
         acc = tl.zeros([BLOCK_H, BLOCK_I], dtype=tl.float32)
-        for i0 in range(0, I, BLOCK_I):
-            i = i0 + js
-            i_ok = i < I
-            ai = tl.load(a_row + i, mask=i_ok, other=0.0)[None, :]  # [1, BLOCK_I], fp32
-            w = tl.load(w_rows + i[None, :], mask=h_ok[:, None] & i_ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * ai
+        for j in tl.static_range(TOP_K):
+            p = r * TOP_K + j
+            expert = _expert_of(ids_ptr, p, FROM_OFFSETS, E, E_PAD)
+            w_rows = w_ptr + expert * stride_we + hs[:, None].to(tl.int64) * stride_wh  # [BLOCK_H, 1]
+            a_row = a_ptr + p.to(tl.int64) * stride_am
+            if WEIGHTED:
+                weight = tl.load(weights_ptr + p).to(tl.float32)
+            else:
+                weight = 1.0
+            for i0 in range(0, I, BLOCK_I):
+                i = i0 + js
+                i_ok = i < I
+                ai = tl.load(a_row + i, mask=i_ok, other=0.0)[None, :] * weight  # [1, BLOCK_I], fp32
+                w = tl.load(w_rows + i[None, :], mask=h_ok[:, None] & i_ok[None, :], other=0.0)
+                acc += w.to(tl.float32) * ai
         out = tl.sum(acc, axis=1)  # [BLOCK_H]
-        tl.store(out_ptr + row.to(tl.int64) * stride_om + hs, out.to(out_ptr.dtype.element_ty), mask=h_ok)
+        tl.store(out_ptr + r.to(tl.int64) * stride_om + hs, out.to(out_ptr.dtype.element_ty), mask=h_ok)
+
+
+def _launch(x, ids, weights, gate_up, down, top_k: int, from_offsets: bool) -> torch.Tensor:
+    """Both kernels: x [T, K] (T tokens, or rows when top_k == 1), ids/weights per pair; [T, H]."""
+    t, k = x.shape
+    e, two_i, k_w = gate_up.shape
+    inter = two_i // 2
+    assert k_w == k and down.shape == (e, k, inter), (x.shape, gate_up.shape, down.shape)
+    assert x.stride(-1) == gate_up.stride(-1) == down.stride(-1) == 1, "needs contiguous last dimensions"
+    out = x.new_empty(t, k)  # [T, H]
+    pairs = t * top_k
+    if pairs == 0:
+        return out
+    a = torch.empty(pairs, inter, device=x.device, dtype=torch.float32)  # [T·k, I]: silu(gate) * up
+    block_n, block_k, block_h, block_i = block_sizes(pairs, inter, k)
+    e_pad = triton.next_power_of_2(e)
+    _gate_up_silu_kernel[(pairs, triton.cdiv(inter, block_n))](
+        x, ids, gate_up, a,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), a.stride(0),
+        K=k, I=inter, E=e, E_PAD=e_pad, TOP_K=top_k, FROM_OFFSETS=from_offsets,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    _down_kernel[(t, triton.cdiv(k, block_h))](
+        a, ids, weights if weights is not None else a, down, out,
+        a.stride(0), down.stride(0), down.stride(1), out.stride(0),
+        I=inter, H=k, E=e, E_PAD=e_pad, TOP_K=top_k, FROM_OFFSETS=from_offsets, WEIGHTED=weights is not None,
+        BLOCK_H=block_h, BLOCK_I=block_i, num_warps=4,
+    )
+    return out
 
 
 def triton_moe_experts(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor,
                        down: torch.Tensor) -> torch.Tensor:
-    """[M, H]: each row's expert MLP, down_e · (silu(gate_e · x) * (up_e · x)); shapes as in the
-    module docstring. Two launches, no host sync."""
+    """kiln::moe_experts' rows: [M, H], row m through its expert's MLP (rows sorted by expert,
+    `offsets` [E] int32 cumulative). Two launches, no host sync."""
     assert triton is not None, "Triton is not installed"
-    m, k = x.shape
-    e, two_i, k_w = gate_up.shape
-    inter = two_i // 2
-    assert k_w == k and down.shape == (e, k, inter) and offsets.shape == (e,), (x.shape, gate_up.shape, down.shape)
-    assert x.stride(-1) == gate_up.stride(-1) == down.stride(-1) == 1, "needs contiguous last dimensions"
-    out = x.new_empty(m, k)  # [M, H]
-    if m == 0:
-        return out
-    a = torch.empty(m, inter, device=x.device, dtype=torch.float32)  # [M, I]: silu(gate) * up
-    block_n, block_k, block_h, block_i = block_sizes(m, inter, k)
-    e_pad = triton.next_power_of_2(e)
-    _gate_up_silu_kernel[(m, triton.cdiv(inter, block_n))](
-        x, offsets, gate_up, a,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), a.stride(0),
-        K=k, I=inter, E=e, E_PAD=e_pad, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-    )
-    _down_kernel[(m, triton.cdiv(k, block_h))](
-        a, offsets, down, out,
-        a.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        I=inter, H=k, E=e, E_PAD=e_pad, BLOCK_H=block_h, BLOCK_I=block_i, num_warps=4,
-    )
-    return out
+    assert offsets.shape == (gate_up.shape[0],), (offsets.shape, gate_up.shape)
+    return _launch(x, offsets, None, gate_up, down, 1, True)
+
+
+def triton_moe_routed(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
+                      down: torch.Tensor) -> torch.Tensor:
+    """kiln::moe_routed: [N, H] = Σ_j weights[n, j] · MLP_{experts[n, j]}(x[n]), unsorted pairs,
+    the weighted sum in float32 (module docstring). Two launches, no host sync."""
+    assert triton is not None, "Triton is not installed"
+    assert experts.shape == weights.shape == (x.shape[0], experts.shape[1]), (x.shape, experts.shape, weights.shape)
+    return _launch(x, experts.contiguous(), weights.contiguous(), gate_up, down, experts.shape[1], False)
