@@ -313,8 +313,8 @@ def run_op_sweep(args, out: dict) -> None:
     blocks = []
     for tokens in (1, 8):
         x, w, chosen, _, _, active = inputs(tokens)
-        for config in ("16,256,32,128", "8,256,16,128", "32,256,32,256", "16,512,32,256", "32,128,64,128",
-                       "8,512,16,256", "64,128,64,128"):
+        for config in ("16,256,16,128", "16,512,16,128", "8,256,8,128", "8,512,16,64", "32,256,32,128",
+                       "16,256,32,64", "32,128,16,256"):
             os.environ[moe_triton.BLOCKS_ENV] = config
             try:
                 us = time_graph(lambda: [moe_triton.triton_moe_routed(x, w, chosen, gu, dn) for gu, dn in weights])

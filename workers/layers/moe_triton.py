@@ -23,8 +23,9 @@ That is `triton_moe_experts` (kiln::moe_experts: rows already sorted). `triton_m
     1. the same kernel over the N·k pairs unsorted: pair p reads token p // k and expert
        experts.flat[p] (given, not searched);
     2. _down_kernel, grid (N, H / BLOCK_H): out[n, block] = Σ_j weights[n, j] ·
-       down[experts[n, j], block, :] · a[n·k + j], the k pairs summed in float32 in registers
-       (one program owns each output element: no atomics, deterministic), stored in x's dtype.
+       down[experts[n, j], block, :] · a[n·k + j], the k pairs' tiles loaded together and summed
+       in float32 in registers (one program owns each output element: no atomics,
+       deterministic), stored in x's dtype.
 
 Only rows that exist launch programs (no work for empty experts), programs of the same output
 block and consecutive rows — rows of the same expert — run side by side, so an expert chosen by
@@ -49,11 +50,14 @@ except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
 DEFAULT_MAX_ROWS = 64
-"""Rows (tokens × top-k) up to which the Triton path runs; above, torch's grouped matmul. 64 is
-batch 8 at top-8: measured on an H200 at Qwen3-30B-A3B's shapes (benchmarks/moe_decode.py
---op-sweep), the gathered GEMV wins while rows are fewer than about half the experts, since each
-row then reads a whole expert that no other row shares; at batch 64 (512 rows over ~126 experts)
-every expert serves ~4 rows and the grouped GEMM's tiles reuse them."""
+"""Token-expert pairs (tokens × top-k) up to which the Triton path runs; above, torch's grouped
+matmul. 64 is batch 8 at top-8. Why there: a pair here reads its expert's weights by itself (L2
+catches only pairs of the same expert running side by side), which is all a step needs while
+pairs are fewer than the experts (batch 8: 64 pairs over ~52 of 128 experts), whereas the
+grouped GEMM's fixed cost per group and tile dominates at those sizes; at batch 64 (512 pairs
+over ~126 experts) every expert serves ~4 pairs and the grouped GEMM's tiles reuse its weights
+from shared memory. Not yet measured on a GPU: `benchmarks/moe_decode.py --part op` times both
+at 8..512 pairs (kiln's capture sizes 1..64 at top-8), and this value should follow it."""
 MAX_ROWS_ENV = "KILN_MOE_TRITON_MAX_ROWS"
 """Overrides DEFAULT_MAX_ROWS (0 turns the Triton path off): read at each call, outside any trace."""
 BLOCKS_ENV = "KILN_MOE_TRITON_BLOCKS"
@@ -87,14 +91,15 @@ def triton_moe_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Ten
 
 def block_sizes(rows: int, inter: int, hidden: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K of the gate/up kernel, BLOCK_H, BLOCK_I of the down kernel): small output
-    blocks so that a handful of rows still spreads over every multiprocessor (batch 1: 8 rows ×
-    768/16 blocks = 384 programs on 132 SMs), wide K blocks so each program streams long runs."""
+    blocks so that a handful of rows still spreads over every multiprocessor (batch 1: 8 pairs ×
+    768/16 = 384 gate/up programs, 2048/16 = 128 down programs, each loading its token's 8
+    experts at once, on 132 SMs), wide K blocks so that each program has few, long steps."""
     value = os.environ.get(BLOCKS_ENV)
     if value:
         sizes = tuple(int(v) for v in value.split(","))
         assert len(sizes) == 4 and all(s > 0 and s & (s - 1) == 0 for s in sizes), f"{BLOCKS_ENV}={value!r}"
         return sizes  # type: ignore[return-value]
-    return 16, 256, 32, 128
+    return 16, 256, 16, 128
 
 
 if triton is not None:
@@ -150,30 +155,43 @@ if triton is not None:
         a_ptr, ids_ptr, weights_ptr, w_ptr, out_ptr,
         stride_am, stride_we, stride_wh, stride_om,
         I: tl.constexpr, H: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
-        FROM_OFFSETS: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
+        TOP_K_PAD: tl.constexpr, FROM_OFFSETS: tl.constexpr, WEIGHTED: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
-        # out[r, hs] = Σ_{j < TOP_K} weight[p] · down_e[hs, :] · a[p], p = r·TOP_K + j, e = p's expert
+        # out[r, hs] = Σ_{j < TOP_K} weight[p] · down_e[hs, :] · a[p], p = r·TOP_K + j, e = p's expert.
+        # The k experts' tiles are one [TOP_K_PAD, BLOCK_H, BLOCK_I] load per step, so a token's
+        # k weight reads are in flight together (a loop over j would serialize them).
         r = tl.program_id(0)
         block = tl.program_id(1)
         hs = block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] output columns
         h_ok = hs < H
+        slots = tl.arange(0, TOP_K_PAD)
+        slot_ok = slots < TOP_K
+        ps = r * TOP_K + slots  # [TOP_K_PAD] this output row's pairs
+        if FROM_OFFSETS:  # sorted rows: count the cumulative ends <= p
+            e = tl.arange(0, E_PAD)
+            ends = tl.load(ids_ptr + e, mask=e < E, other=2**30)
+            experts = tl.sum((ends[None, :] <= ps[:, None]).to(tl.int32), axis=1)
+        else:
+            experts = tl.load(ids_ptr + ps, mask=slot_ok, other=0).to(tl.int32)
+        experts = tl.minimum(tl.maximum(experts, 0), E - 1).to(tl.int64)  # [TOP_K_PAD]
+        if WEIGHTED:
+            weight = tl.load(weights_ptr + ps, mask=slot_ok, other=0.0).to(tl.float32)
+        else:
+            weight = tl.where(slot_ok, 1.0, 0.0)
         js = tl.arange(0, BLOCK_I)
+        w_rows = (w_ptr + experts[:, None, None] * stride_we
+                  + hs[None, :, None].to(tl.int64) * stride_wh)  # [TOP_K_PAD, BLOCK_H, 1]
+        a_rows = a_ptr + ps[:, None].to(tl.int64) * stride_am  # [TOP_K_PAD, 1]
+        row_ok = slot_ok[:, None, None] & h_ok[None, :, None]
         acc = tl.zeros([BLOCK_H, BLOCK_I], dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            p = r * TOP_K + j
-            expert = _expert_of(ids_ptr, p, FROM_OFFSETS, E, E_PAD)
-            w_rows = w_ptr + expert * stride_we + hs[:, None].to(tl.int64) * stride_wh  # [BLOCK_H, 1]
-            a_row = a_ptr + p.to(tl.int64) * stride_am
-            if WEIGHTED:
-                weight = tl.load(weights_ptr + p).to(tl.float32)
-            else:
-                weight = 1.0
-            for i0 in range(0, I, BLOCK_I):
-                i = i0 + js
-                i_ok = i < I
-                ai = tl.load(a_row + i, mask=i_ok, other=0.0)[None, :] * weight  # [1, BLOCK_I], fp32
-                w = tl.load(w_rows + i[None, :], mask=h_ok[:, None] & i_ok[None, :], other=0.0)
-                acc += w.to(tl.float32) * ai
+        for i0 in range(0, I, BLOCK_I):
+            i = i0 + js
+            i_ok = i < I
+            ai = tl.load(a_rows + i[None, :], mask=slot_ok[:, None] & i_ok[None, :], other=0.0)  # [KP, BI] fp32
+            ai = ai * weight[:, None]
+            w = tl.load(w_rows + i[None, None, :], mask=row_ok & i_ok[None, None, :], other=0.0)  # [KP, BH, BI]
+            acc += tl.sum(w.to(tl.float32) * ai[:, None, :], axis=0)
         out = tl.sum(acc, axis=1)  # [BLOCK_H]
         tl.store(out_ptr + r.to(tl.int64) * stride_om + hs, out.to(out_ptr.dtype.element_ty), mask=h_ok)
 
@@ -201,8 +219,9 @@ def _launch(x, ids, weights, gate_up, down, top_k: int, from_offsets: bool) -> t
     _down_kernel[(t, triton.cdiv(k, block_h))](
         a, ids, weights if weights is not None else a, down, out,
         a.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        I=inter, H=k, E=e, E_PAD=e_pad, TOP_K=top_k, FROM_OFFSETS=from_offsets, WEIGHTED=weights is not None,
-        BLOCK_H=block_h, BLOCK_I=block_i, num_warps=4,
+        I=inter, H=k, E=e, E_PAD=e_pad, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
+        FROM_OFFSETS=from_offsets, WEIGHTED=weights is not None, BLOCK_H=block_h, BLOCK_I=block_i,
+        num_warps=8 if top_k > 2 else 4,
     )
     return out
 
