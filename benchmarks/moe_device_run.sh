@@ -19,8 +19,10 @@
 # combined table), results.tar.gz (moe_*.json and profile_*.txt: benchmarks/results/moe_decode_h200/).
 #
 # Python: the device's python3 (torch, Triton, transformers, pytest); kiln's config needs pydantic,
-# which that image lacks: carry cp312 wheels in .whl/ (carry: [".whl"]), or .device/'s bundle
-# (benchmarks/device_setup.sh) where the checkout has one.
+# which that image lacks: carry cp312 wheels in .whl/ (carry: [".whl"]), made here with
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 pydantic_core==2.50.5 annotated_types typing_inspection
+# or .device/'s bundle (benchmarks/device_setup.sh) where the checkout has one.
 set -u
 START=$(date +%s)
 DEADLINE_S=${DEADLINE_S:-540}
@@ -41,6 +43,7 @@ else
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 fi
 PY=${PY:-python3}
+$PY -c 'import pydantic' 2>/dev/null || echo "WARNING: no pydantic for $PY: kiln's parts will fail (see the header: .whl/)" | tee -a "$LOG"
 
 left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
 step() {  # step NAME MAX_SECONDS COMMAND...: runs with the smaller of MAX_SECONDS and what is left
