@@ -256,7 +256,8 @@ def run_op_sweep(args, out: dict) -> None:
     from kiln.workers.layers.moe_experts import experts_grouped, moe_routed_impl
 
     cfg = QWEN3_30B_A3B
-    e, h, inter, top_k = cfg["num_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"]
+    e, h, top_k = cfg["num_experts"], cfg["hidden_size"], cfg["num_experts_per_tok"]
+    inter = cfg["moe_intermediate_size"]
     layers = 8
     gen = torch.Generator(device="cuda").manual_seed(0)
     weights = [(torch.empty(e, 2 * inter, h, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02, generator=gen),
@@ -323,7 +324,8 @@ def run_op_sweep(args, out: dict) -> None:
                 out.setdefault("errors", []).append(f"blocks {config}: {type(exc).__name__}: {exc}"[:300])
             finally:
                 del os.environ[moe_triton.BLOCKS_ENV]
-            blocks.append({"tokens": tokens, "blocks": config, "triton_us": us, "tb_s": tb_s(active, us) if us else None})
+            blocks.append({"tokens": tokens, "blocks": config, "triton_us": us,
+                           "tb_s": tb_s(active, us) if us else None})
             print(blocks[-1], flush=True)
             out["block_sweep"] = blocks
             save(args, out)
@@ -480,14 +482,17 @@ def combine(directory: str) -> None:
             r["kiln_vs_best_hf"] = r["kiln_ms"] / best_hf
         table.append(r)
     print(kiln.get("machine") or hf.get("machine"))
-    print_table(table, ["batch", "experts_touched", "kiln_ms", "kiln_grouped_ms", "hf_static_ms", "hf_eager_ms", "floor_ms",
-                        "dense_floor_ms", "floor_tb_s", "kiln_tb_s", "kiln_vs_floor", "kiln_vs_best_hf"])
+    if table:
+        print_table(table, ["batch", "experts_touched", "kiln_ms", "kiln_grouped_ms", "hf_static_ms", "hf_eager_ms",
+                            "floor_ms", "dense_floor_ms", "floor_tb_s", "kiln_tb_s", "kiln_vs_floor",
+                            "kiln_vs_best_hf"])
     if parts.get("op", {}).get("op_sweep"):
-        print("kiln::moe_experts alone (us per layer):")
+        print("one layer's experts alone (us per layer):")
         print_table(parts["op"]["op_sweep"], ["tokens", "rows", "active_experts", "routed_triton_us",
                                               "routed_grouped_us", "sorted_triton_us", "grouped_us",
                                               "routed_triton_tb_s", "grouped_tb_s"])
-        print_table(parts["op"].get("block_sweep", []), ["tokens", "blocks", "triton_us", "tb_s"])
+        if parts["op"].get("block_sweep"):
+            print_table(parts["op"]["block_sweep"], ["tokens", "blocks", "triton_us", "tb_s"])
     for part in parts.values():
         for error in part.get("errors", []):
             print("error:", error)
