@@ -456,16 +456,18 @@ def run_transformers(args, out: dict) -> None:
 
 def combine(directory: str) -> None:
     parts = {}
-    for name in ("kiln", "kiln_grouped", "transformers", "warmup", "op"):
+    for name in ("kiln", "kiln_grouped", "transformers", "transformers_static", "warmup", "op"):
         path = os.path.join(directory, f"moe_{name}.json")
         if os.path.exists(path):
             with open(path) as f:
                 parts[name] = json.load(f)
     kiln, hf = parts.get("kiln", {}), parts.get("transformers", {})
     by_batch: dict[int, dict] = {}
-    for rows in (kiln.get("kiln", []), kiln.get("floor", []), hf.get("transformers", [])):
+    for rows in (kiln.get("kiln", []), kiln.get("floor", []), hf.get("transformers", []),
+                 parts.get("transformers_static", {}).get("transformers", [])):
         for r in rows:
-            by_batch.setdefault(r["batch"], {"batch": r["batch"]}).update(r)
+            row = by_batch.setdefault(r["batch"], {"batch": r["batch"]})
+            row.update({k: v for k, v in r.items() if v is not None})
     for r in parts.get("kiln_grouped", {}).get("kiln", []):
         by_batch.setdefault(r["batch"], {"batch": r["batch"]})["kiln_grouped_ms"] = r["kiln_ms"]
     for b, routed in kiln.get("routing", {}).items():
@@ -515,7 +517,7 @@ def main() -> None:
                         help="transformers: start no new measurement after this many seconds (0: no limit)")
     parser.add_argument("--triton-max-rows", type=int, default=None,
                         help="kiln's MoE Triton row limit for this run ($KILN_MOE_TRITON_MAX_ROWS; 0: off)")
-    parser.add_argument("--tag", default="", help="kiln: write moe_kiln_TAG.json (e.g. grouped)")
+    parser.add_argument("--tag", default="", help="write moe_PART_TAG.json (e.g. kiln grouped, transformers static)")
     parser.add_argument("--cache-dir", default=None, help="kiln's compile cache (default: a fresh temp dir)")
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument("--profile", action="store_true", help="profile kiln's batch-1 and -8 steps (kernel tables)")

@@ -15,6 +15,8 @@
 #            on the grouped matmuls alone; warm compile cache from `kiln`), profiled
 #   hf       moe_decode.py --part transformers: eager at 1,8,64, then static-cache generate with
 #            the time that is left (skipped batches say why in the JSON)
+#   hfstatic static-cache generate alone at 8,64 with all the time left (a second command, where
+#            `hf` ran out of time: it compiles once per batch size), moe_transformers_static.json
 # Output ($OUT, default ./moe-device-out): log.txt (everything printed), summary.txt (the
 # combined table), results.tar.gz (moe_*.json and profile_*.txt: benchmarks/results/moe_decode_h200/).
 #
@@ -71,6 +73,11 @@ if has hf; then
   budget=$(( $(left) - 90 ))  # the model's build and the last measurement's own time after the budget
   [ "$budget" -lt 30 ] && budget=30
   step hf 600 $BENCH --part transformers --batches 1,8,64 --hf-variants eager,static --hf-budget-s "$budget"
+fi
+if has hfstatic; then
+  budget=$(( $(left) - 120 ))
+  [ "$budget" -lt 30 ] && budget=30
+  step hfstatic 600 $BENCH --part transformers --batches 8,64 --hf-variants static --tag static --hf-budget-s "$budget"
 fi
 $PY benchmarks/moe_decode.py --combine "$RES" 2>&1 | tee "$OUT/summary.txt"
 tar -czf "$OUT/results.tar.gz" -C "$OUT" moe_decode_h200 && rm -rf "$RES"
