@@ -24,10 +24,10 @@ def _needs_triton():
 
 
 def _weights(experts, hidden, inter, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
-    down = torch.randn(experts, hidden, inter, generator=gen) * inter**-0.5
-    return gate_up.to("cuda", dtype), down.to("cuda", dtype)
+    gen = torch.Generator(device="cuda").manual_seed(seed)  # drawn on the GPU: the large shapes are ~1.2 GB
+    gate_up = torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden**-0.5
+    down = torch.randn(experts, hidden, inter, device="cuda", generator=gen) * inter**-0.5
+    return gate_up.to(dtype), down.to(dtype)
 
 
 def _rows(tokens, hidden, experts, top_k, dtype, seed=0, among=None):
