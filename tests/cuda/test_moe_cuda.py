@@ -9,6 +9,7 @@ import torch
 from kiln.workers import torch_internals
 from kiln.workers.layers.moe import ExpertWeights, SparseMoE, group_by_expert
 from kiln.workers.layers.moe_experts import experts_loop, grouped_path, moe_experts_impl
+from kiln.workers.layers.moe_triton import MAX_ROWS_ENV
 
 pytestmark = pytest.mark.cuda
 
@@ -20,8 +21,9 @@ def _needs_fast_grouped_mm() -> None:
 
 
 @pytest.mark.parametrize("tokens, experts, top_k", [(1, 128, 8), (8, 128, 8), (64, 128, 8), (5, 8, 2)])
-def test_grouped_path_matches_the_loop(tokens, experts, top_k):
+def test_grouped_path_matches_the_loop(tokens, experts, top_k, monkeypatch):
     _needs_fast_grouped_mm()
+    monkeypatch.setenv(MAX_ROWS_ENV, "0")  # the grouped matmuls even for few rows (not the Triton path)
     torch.manual_seed(0)
     hidden, inter = 256, 96
     gate_up = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * hidden**-0.5
@@ -36,9 +38,12 @@ def test_grouped_path_matches_the_loop(tokens, experts, top_k):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_moe_decode_step_is_captured_in_a_cuda_graph():
-    """No host sync anywhere in the layer: it captures, and replays on new routing."""
+@pytest.mark.parametrize("max_rows", ["0", ""], ids=["grouped", "triton"])
+def test_moe_decode_step_is_captured_in_a_cuda_graph(max_rows, monkeypatch):
+    """No host sync anywhere in the layer: it captures, and replays on new routing (through the
+    grouped matmuls, and through the Triton kernels: 8 tokens × top-4 is within their rows)."""
     _needs_fast_grouped_mm()
+    monkeypatch.setenv(MAX_ROWS_ENV, max_rows)
     torch.manual_seed(0)
     hidden, inter, experts, top_k, n = 256, 96, 16, 4, 8
     moe = SparseMoE(hidden, inter, experts, top_k, softmax_first=True, renormalize=True,
@@ -64,6 +69,6 @@ def test_loop_path_refuses_capture_clearly():
     gate_up, down = torch.randn(2, 16, 16, device="cuda"), torch.randn(2, 16, 8, device="cuda")
     offsets = torch.tensor([2, 4], dtype=torch.int32, device="cuda")
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="captured in a CUDA graph only through torch's grouped matmul"):
+    with pytest.raises(RuntimeError, match="captured in a CUDA graph only through its Triton kernels"):
         with torch.cuda.graph(graph):
             moe_experts_impl(x, offsets, gate_up, down)

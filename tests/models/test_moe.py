@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 from kiln import CompilationConfig, Orchestrator
 from kiln.cache import CacheStore
 from kiln.workers.layers.custom_op import building_with
-from kiln.workers.layers.moe import SparseMoE, group_by_expert
-from kiln.workers.layers.moe_experts import experts_grouped, experts_loop
+from kiln.workers.layers.moe import ExpertWeights, SparseMoE, combine, group_by_expert, route
+from kiln.workers.layers import moe_triton
+from kiln.workers.layers.moe_experts import experts_grouped, experts_loop, moe_experts_impl, moe_routed_impl
 from kiln.workers.models.hf_config import ConfigError, parse_hf_config
 from kiln.workers.models.loader import build
 from kiln.workers.runtime.generation import greedy_generate
@@ -195,6 +196,84 @@ def test_grouped_matmuls_equal_the_loop():
                                               down[e])
         torch.testing.assert_close(want[lo:hi], expected)
     torch.testing.assert_close(experts_grouped(rows, offsets, gate_up, down), want)
+
+
+def test_cpu_takes_the_loop_not_the_triton_kernels(monkeypatch):
+    """On the CPU kiln::moe_experts is the reference loop, whatever the row limit says."""
+    gen = torch.Generator().manual_seed(0)
+    experts, hidden, inter, n, k = 4, 16, 8, 3, 2
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen).to(torch.bfloat16)
+    down = torch.randn(experts, hidden, inter, generator=gen).to(torch.bfloat16)
+    order, offsets = group_by_expert(torch.randint(0, experts, (n, k), generator=gen), experts)
+    rows = torch.randn(n, hidden, generator=gen).to(torch.bfloat16)[order // k]
+    monkeypatch.setenv(moe_triton.MAX_ROWS_ENV, "1000")
+    assert not moe_triton.triton_moe_supported(rows, gate_up, down)
+
+    def no_triton(*args):
+        raise AssertionError("the Triton path ran on the CPU")
+
+    monkeypatch.setattr("kiln.workers.layers.moe_experts.triton_moe_experts", no_triton)
+    monkeypatch.setattr("kiln.workers.layers.moe_experts.triton_moe_routed", no_triton)
+    torch.testing.assert_close(moe_experts_impl(rows, offsets, gate_up, down),
+                               experts_loop(rows, offsets, gate_up, down), rtol=0, atol=0)
+    # kiln::moe_routed (SparseMoE's op on CUDA) off the Triton path: sort, the experts, the sum
+    x = torch.randn(n, hidden, generator=gen).to(torch.bfloat16)
+    weights, chosen = route(torch.randn(n, experts, generator=gen), k, True, True)
+    order, offsets = group_by_expert(chosen, experts)
+    want = combine(experts_loop(x[order // k], offsets, gate_up, down), order, weights)
+    torch.testing.assert_close(moe_routed_impl(x, weights, chosen, gate_up, down), want, rtol=0, atol=0)
+
+
+def test_cpu_sparse_moe_traces_the_sort_around_moe_experts():
+    """On the CPU, SparseMoE runs the sort, kiln::moe_experts and the weighted sum as before;
+    kiln::moe_routed (its CUDA op) is not called."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    moe = SparseMoE(16, 8, 4, 2, softmax_first=True, renormalize=True, weights=ExpertWeights.fused_layout("mlp"),
+                    dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_()
+        with Ops() as ops:
+            moe(torch.randn(3, 16))
+    assert "kiln.moe_experts.default" in ops.names and "kiln.moe_routed.default" not in ops.names, ops.names
+
+
+@pytest.mark.parametrize(("device", "dtype", "weights", "rows", "available", "limit", "chosen"), [
+    ("cuda", torch.bfloat16, torch.bfloat16, 8, True, 64, True),
+    ("cuda", torch.bfloat16, torch.bfloat16, 64, True, 64, True),  # the limit itself is included
+    ("cuda", torch.bfloat16, torch.bfloat16, 65, True, 64, False),  # above: grouped matmuls
+    ("cuda", torch.float16, torch.float16, 1, True, 64, True),
+    ("cuda", torch.float32, torch.float32, 1, True, 64, False),  # float32: the loop
+    ("cuda", torch.bfloat16, torch.float16, 1, True, 64, False),  # mixed dtypes
+    ("cuda", torch.bfloat16, torch.bfloat16, 1, False, 64, False),  # no Triton
+    ("cuda", torch.bfloat16, torch.bfloat16, 1, True, 0, False),  # limit 0: off
+    ("cuda", torch.bfloat16, torch.bfloat16, 0, True, 64, False),  # no rows
+    ("cpu", torch.bfloat16, torch.bfloat16, 1, True, 64, False),
+])
+def test_triton_dispatch_rule(device, dtype, weights, rows, available, limit, chosen):
+    assert moe_triton.choose_triton(device, dtype, weights, rows, available, limit) is chosen
+
+
+def test_triton_row_limit_and_blocks_from_the_environment(monkeypatch):
+    monkeypatch.delenv(moe_triton.MAX_ROWS_ENV, raising=False)
+    assert moe_triton.max_rows() == moe_triton.DEFAULT_MAX_ROWS == 64
+    monkeypatch.setenv(moe_triton.MAX_ROWS_ENV, "16")
+    assert moe_triton.max_rows() == 16
+    monkeypatch.setenv(moe_triton.BLOCKS_ENV, "32,128,64,64")
+    assert moe_triton.block_sizes(8, 768, 2048) == (32, 128, 64, 64)
+    monkeypatch.setenv(moe_triton.BLOCKS_ENV, "32,100,64,64")
+    with pytest.raises(AssertionError):
+        moe_triton.block_sizes(8, 768, 2048)
 
 
 def test_expert_computation_as_a_splitting_op(moe_checkpoints):

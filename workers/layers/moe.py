@@ -6,6 +6,11 @@
       → kiln::moe_experts: each expert's gated MLP over its rows (moe_experts.py)
       → each token's k rows, weighted and summed → all_reduce → [N, H]
 
+On CUDA the steps after the top-k are one op, kiln::moe_routed (moe_experts.py): for a decode
+step's few pairs it runs two Triton kernels on the unsorted pairs, the weighted sum fused into
+the second (moe_triton.py), so no sort, gather or scatter runs at all; for more pairs it runs the
+steps above inside the op. The CPU traces the steps above as they are.
+
 Tensor parallelism splits every expert's intermediate dimension: rank r holds rows
 [r·I/tp, (r+1)·I/tp) of every expert's gate and up matrices and the same columns of its down
 matrix, so each rank computes a partial sum of every expert's output and one all-reduce after
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kiln.workers.layers import moe_experts  # noqa: F401  (registers kiln::moe_experts)
+from kiln.workers.layers.moe_experts import combine, group_by_expert  # registers kiln::moe_experts, ::moe_routed
 from kiln.workers.layers.collectives import all_reduce
 from kiln.workers.layers.linear import ReplicatedLinear
 from kiln.workers.layers.parallel_state import tp_rank, tp_world_size
@@ -53,29 +58,6 @@ def route(logits: torch.Tensor, top_k: int, softmax_first: bool, renormalize: bo
         return weights, experts
     top, experts = logits.topk(top_k, dim=-1)
     return torch.softmax(top.float(), dim=-1), experts
-
-
-def group_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order [M], offsets [E] int32) for the M = N·k token-expert pairs (pair j: token j // k):
-    order lists the pairs sorted by expert; offsets[e] counts the pairs of experts 0..e."""
-    flat = experts.reshape(-1)  # [M]
-    order = torch.argsort(flat)  # [M]
-    ids = torch.arange(num_experts, device=flat.device, dtype=flat.dtype)  # [E]
-    offsets = torch.searchsorted(flat[order], ids, right=True).to(torch.int32)  # [E]
-    return order, offsets
-
-
-def combine(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[N, H]: each token's k expert outputs (rows [M, H] in `order`), weighted and summed in float32."""
-    n, k = weights.shape
-    # Where each pair's row went: the inverse permutation of `order`. The pair numbers are built
-    # from N itself: a size computed from it (N·k) would become a symbolic-int node that Dynamo
-    # computes once, in the first MoE layer's piece, and passes to every later one as an extra
-    # input, which would make the first MoE piece differ from the others.
-    pairs = torch.arange(n, device=order.device)[:, None] * k + torch.arange(k, device=order.device)  # [N, k]
-    where = torch.empty_like(order).scatter_(0, order, pairs.reshape(-1))  # [M]
-    per_token = rows[where].view(n, k, rows.shape[-1])  # [N, k, H]
-    return (per_token.float() * weights.unsqueeze(-1)).sum(dim=1).to(rows.dtype)
 
 
 @dataclass(frozen=True)
@@ -122,6 +104,8 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(self.router(x), self.top_k, self.softmax_first, self.renormalize)  # [N, k] x2
+        if x.is_cuda:  # the device is fixed at trace time: no guard on the batch
+            return all_reduce(torch.ops.kiln.moe_routed(x, weights, experts, self.gate_up, self.down))  # [N, hidden]
         order, offsets = group_by_expert(experts, self.num_experts)  # [N k], [E]
         rows = x[order // self.top_k]  # [N k, hidden]: each pair's token, grouped by expert
         out = torch.ops.kiln.moe_experts(rows, offsets, self.gate_up, self.down)  # [N k, hidden], partial
