@@ -266,7 +266,7 @@ def test_triton_dispatch_rule(device, dtype, weights, rows, available, limit, ch
 
 def test_triton_row_limit_and_blocks_from_the_environment(monkeypatch):
     monkeypatch.delenv(moe_triton.MAX_ROWS_ENV, raising=False)
-    assert moe_triton.max_rows() == moe_triton.DEFAULT_MAX_ROWS == 64
+    assert moe_triton.max_rows() == moe_triton.DEFAULT_MAX_ROWS == 128
     monkeypatch.setenv(moe_triton.MAX_ROWS_ENV, "16")
     assert moe_triton.max_rows() == 16
     monkeypatch.setenv(moe_triton.BLOCKS_ENV, "32,128,64,64")

@@ -22,10 +22,11 @@ That is `triton_moe_experts` (kiln::moe_experts: rows already sorted). `triton_m
     x: [N, K] tokens   experts: [N, k] int64 and weights: [N, k] float32 (the router's top-k)
     1. the same kernel over the N·k pairs unsorted: pair p reads token p // k and expert
        experts.flat[p] (given, not searched);
-    2. _down_kernel, grid (N, H / BLOCK_H): out[n, block] = Σ_j weights[n, j] ·
-       down[experts[n, j], block, :] · a[n·k + j], the k pairs' tiles loaded together and summed
-       in float32 in registers (one program owns each output element: no atomics,
-       deterministic), stored in x's dtype.
+    2. _down_kernel, grid (N·k, H / BLOCK_H): per pair p, weights.flat[p] ·
+       down[experts.flat[p], block, :] · a[p] in float32; then the sum over each token's k pairs
+       (one small reduction, float32, deterministic: no atomics), stored in x's dtype. (The
+       kernel can also sum a token's k pairs in registers, one program per token and block, but
+       at batch 1 that leaves too few programs to fill the GPU.)
 
 Only rows that exist launch programs (no work for empty experts), programs of the same output
 block and consecutive rows — rows of the same expert — run side by side, so an expert chosen by
@@ -49,15 +50,13 @@ try:  # Triton ships with CUDA builds of torch; CPU builds have none and use the
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
-DEFAULT_MAX_ROWS = 64
+DEFAULT_MAX_ROWS = 128
 """Token-expert pairs (tokens × top-k) up to which the Triton path runs; above, torch's grouped
-matmul. 64 is batch 8 at top-8. Why there: a pair here reads its expert's weights by itself (L2
-catches only pairs of the same expert running side by side), which is all a step needs while
-pairs are fewer than the experts (batch 8: 64 pairs over ~52 of 128 experts), whereas the
-grouped GEMM's fixed cost per group and tile dominates at those sizes; at batch 64 (512 pairs
-over ~126 experts) every expert serves ~4 pairs and the grouped GEMM's tiles reuse its weights
-from shared memory. Not yet measured on a GPU: `benchmarks/moe_decode.py --part op` times both
-at 8..512 pairs (kiln's capture sizes 1..64 at top-8), and this value should follow it."""
+matmul. 128 is batch 16 at top-8. Measured on an H200 (`benchmarks/moe_decode.py --part op`,
+one Qwen3-30B-A3B layer's experts, weights out of L2, per-pair down kernel): Triton 26/137/246/408
+us against grouped 53/209/317/385 us at 8/64/128/256 pairs: a pair here reads its expert's
+weights by itself, which wins while pairs are few; from ~256 pairs every expert serves several
+and the grouped GEMM's tiles reuse its weights."""
 MAX_ROWS_ENV = "KILN_MOE_TRITON_MAX_ROWS"
 """Overrides DEFAULT_MAX_ROWS (0 turns the Triton path off): read at each call, outside any trace."""
 BLOCKS_ENV = "KILN_MOE_TRITON_BLOCKS"
@@ -216,14 +215,21 @@ def _launch(x, ids, weights, gate_up, down, top_k: int, from_offsets: bool) -> t
         K=k, I=inter, E=e, E_PAD=e_pad, TOP_K=top_k, FROM_OFFSETS=from_offsets,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
-    _down_kernel[(t, triton.cdiv(k, block_h))](
-        a, ids, weights if weights is not None else a, down, out,
-        a.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        I=inter, H=k, E=e, E_PAD=e_pad, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
+    # One down program per pair and output block, each pair's weighted output kept in float32,
+    # then the sum over the k pairs of a token: a program per token and block (k tiles in one
+    # load) leaves too few programs to fill the GPU at batch 1 (2048/16 = 128 on 132 SMs, each
+    # with k = 8 serial steps) and measured 63 us a layer against 26 us this way (H200).
+    per_pair = out if top_k == 1 else torch.empty(pairs, k, device=x.device, dtype=torch.float32)  # [T·k, H]
+    _down_kernel[(pairs, triton.cdiv(k, block_h))](
+        a, ids, weights if weights is not None else a, down, per_pair,
+        a.stride(0), down.stride(0), down.stride(1), per_pair.stride(0),
+        I=inter, H=k, E=e, E_PAD=e_pad, TOP_K=1, TOP_K_PAD=1,
         FROM_OFFSETS=from_offsets, WEIGHTED=weights is not None, BLOCK_H=block_h, BLOCK_I=block_i,
-        num_warps=8 if top_k > 2 else 4,
+        num_warps=4,
     )
-    return out
+    if top_k == 1:
+        return out
+    return per_pair.view(t, top_k, k).sum(dim=1).to(x.dtype)  # [T, H], summed in float32
 
 
 def triton_moe_experts(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor,
