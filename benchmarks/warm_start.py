@@ -10,7 +10,8 @@ host; "compile s" is the part the cache replaces (trace + compile cold, trace + 
 - kiln.compile / torch.compile on a transformers Llama (CPU: 3 tiny layers; GPU: the
   Llama-3.2-1B shape, bf16, random weights). torch.compile warm keeps its FX graph and
   AOTAutograd caches (TORCHINDUCTOR_CACHE_DIR, the same for cold and warm); kiln's warm start
-  gets only kiln's cache (its Inductor cache dir is fresh each run).
+  gets only kiln's cache (its Inductor cache dir is fresh each run; its Triton cache dir, where
+  kiln never puts a kernel, keeps Triton's driver stubs as any machine does).
 - `kiln warmup` of the example model (CPU, TP=1) or the Llama-3.1-8B zoo model (GPU, dummy
   weights, TP=1, 35 capture sizes; warm with eager and with lazy capture): whole command and,
   per rank, the worker's time to ready and its trace/compile/load/capture seconds.
@@ -93,10 +94,13 @@ def compile_variants(gpu: bool, work: str) -> list[dict]:
         if variant == "torch.compile":
             env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")  # kept: its warm caches
         results = {}
+        if variant == "kiln":
+            # Triton's own driver stubs (built once per machine) may stay; kiln compiles and loads
+            # its kernels with Triton pointed at its private directories, so no kernel lands here.
+            env["TRITON_CACHE_DIR"] = os.path.join(root, "triton-driver")
         for label in ("cold", "warm"):
-            if variant == "kiln":  # only kiln's own cache may help kiln
+            if variant == "kiln":  # only kiln's own cache may help kiln: no Inductor cache
                 env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=work, prefix="inductor-")
-                env["TRITON_CACHE_DIR"] = os.path.join(env["TORCHINDUCTOR_CACHE_DIR"], "triton")
             results[label] = run_child({"variant": "kiln" if variant == "kiln" else "torch", "gpu": gpu,
                                         "root": root}, env)
             print(f"# {variant} {label}: {json.dumps(results[label])}", flush=True)
