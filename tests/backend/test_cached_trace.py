@@ -168,6 +168,8 @@ def test_source_edit_traces_again(net_module, tmp_path):
     out, status, frames = run(model, x_batch(), root)
     assert frames == 1 and status.startswith("ran (a traced source file changed")
     torch.testing.assert_close(out, eager(model, x_batch()))
+    _, status, frames = run(load().Net(), x_batch(), root)  # the edited source's trace replaced it
+    assert (status, frames) == ("skipped (cached)", 0)
 
 
 def _trace_entry(root: Path):

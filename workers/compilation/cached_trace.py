@@ -140,7 +140,9 @@ class TraceCache:
         try:
             return self._rebuild(json.loads(data), module, args, kwargs)
         except _Stale as exc:
+            # Outdated, not damaged; but the trace that follows must be able to replace it.
             self.status = f"ran ({exc})"
+            entry.invalidate(GRAPH_KEY, str(exc), self._digest)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             self.drop(f"cached trace unusable: {type(exc).__name__}: {exc}")
             return None
