@@ -425,8 +425,13 @@ def autotune_results_under(root: str) -> Iterator[None]:
 
     original = triton_heuristics.check_autotune_cache
 
-    def relocated(configs: Any, filename: str | None, inductor_meta: Any) -> Any:
-        return original(configs, relocated_kernel_path(filename, root), inductor_meta)
+    def relocated(*args: Any, **kwargs: Any) -> Any:
+        # (configs, filename, inductor_meta), positionally or by name, in 2.11 and 2.13 alike.
+        if "filename" in kwargs:
+            kwargs["filename"] = relocated_kernel_path(kwargs["filename"], root)
+        elif len(args) > 1:
+            args = (args[0], relocated_kernel_path(args[1], root), *args[2:])
+        return original(*args, **kwargs)
 
     triton_heuristics.check_autotune_cache = relocated
     try:
