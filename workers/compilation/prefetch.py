@@ -41,6 +41,7 @@ class Prefetch:
         self.start = time.time()
         self.end: float | None = None
         self._lock = threading.Lock()
+        self._taken: set[str] = set()
         index = entry.rank_index(rank).read()
         digests = sorted({v["digest"] for v in index.values() if isinstance(v, dict) and v.get("digest")})
         workers = threads or min(MAX_THREADS, os.cpu_count() or 1, max(1, len(digests)))
@@ -87,7 +88,9 @@ class Prefetch:
         if found is None or found[0] is not data or found[1] is None:
             return None
         with self._lock:
-            self._futures.pop(digest, None)
+            if digest in self._taken:
+                return None
+            self._taken.add(digest)
         return found[1]
 
     def close(self) -> None:
