@@ -355,16 +355,23 @@ def _counting(original: Callable[..., Any]) -> Callable[..., Any]:
     return counted
 
 
-def install_autotune_counter() -> None:
-    """Wrap Inductor's autotuning entry points (once per process) so that each call counts.
+def install_autotune_counter(*, everything: bool = False) -> None:
+    """Wrap Inductor's autotuning entry points (each once per process) so that each call counts.
 
-    Installed for good: a wrapper only adds one to a counter, and removing it while another
-    counter's block is open would lose that block's calls. A required entry point missing from
-    this torch is an error naming it (the counts would silently read 0)."""
+    The runtime autotuner's module is imported here; max-autotune's (select_algorithm, seconds
+    to import) only with `everything`, else only if something imported it already: compile_graph
+    asks for everything just before Inductor compiles (which imports it anyway), so a warm start
+    pays for that import where it would anyway, in its first load. Installed for good: a wrapper
+    only adds one to a counter, and removing it while another counter's block is open would lose
+    that block's calls. A required entry point missing from this torch is an error naming it
+    (the counts would silently read 0)."""
+    import sys
+
     with _autotune_lock:
-        if _autotune_installed:
-            return
+        done = {(owner, attr) for owner, attr, _ in _autotune_installed}
         for module_name, owner_name, attr, required in _AUTOTUNE_ENTRIES:
+            if not (required or everything or module_name in sys.modules):
+                continue
             try:
                 owner = getattr(importlib.import_module(module_name), owner_name)
                 descriptor = inspect.getattr_static(owner, attr)
@@ -372,6 +379,8 @@ def install_autotune_counter() -> None:
                 if required:
                     raise RuntimeError(f"cannot count autotuning: {module_name}.{owner_name}.{attr} is gone "
                                        "from this torch") from None
+                continue
+            if (owner, attr) in done:
                 continue
             if isinstance(descriptor, classmethod):
                 wrapped: Any = classmethod(_counting(descriptor.__func__))

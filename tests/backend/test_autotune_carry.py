@@ -211,3 +211,14 @@ def test_relocated_kernel_path():
     assert torch_internals.relocated_kernel_path("/tmp/gone/build/ab/cab.py", root) == f"{root}/ab/cab.py"
     assert torch_internals.relocated_kernel_path(f"{root}/cd/ccd.py", root) == f"{root}/cd/ccd.py"
     assert torch_internals.relocated_kernel_path(None, root) is None
+
+
+def test_max_autotune_choices_are_counted_once_inductor_compiles():
+    torch_internals.install_autotune_counter(everything=True)  # what compile_graph does first
+    from torch._inductor.select_algorithm import AlgorithmSelectorCache
+
+    assert AlgorithmSelectorCache.__dict__["benchmark_choices"].__func__.__wrapped__.__module__ == \
+        "torch._inductor.select_algorithm"
+    with torch_internals.count_autotune_benchmarks() as tuned:
+        assert AlgorithmSelectorCache.benchmark_choices([], None) == {}  # no choices: nothing timed
+    assert tuned.calls == 1

@@ -82,6 +82,8 @@ def compile_graph(
         build_dir = os.path.join(work, "build")
         save_dir = os.path.join(work, "artifact")
         os.makedirs(build_dir)
+        # Compile-time autotuning (max-autotune) is counted too; Inductor imports it now anyway.
+        torch_internals.install_autotune_counter(everything=True)
         with _compiler_cache_dirs(build_dir):
             artifact = torch_internals.standalone_compile(
                 gm, example_inputs, dynamic_shapes=dynamic_shapes, config_patches=config_patches)
