@@ -60,8 +60,13 @@ def _device_of(example_inputs: Sequence[Any]) -> torch.device:
     return (cuda or tensors)[0].device if tensors else torch.device("cpu")
 
 
-def _concrete(value: Any, size: int) -> int:
-    """Evaluate an int or SymInt with every batch symbol set to `size`."""
+def _concrete(value: Any, size: int | None) -> int:
+    """Evaluate an int or SymInt with every batch symbol set to `size` (None: to the value it
+    had in the trace, each symbol its own)."""
+    if isinstance(value, torch.SymInt) and size is None:
+        if value.node.hint is None:
+            raise ValueError(f"{value} has no value from the trace")
+        return int(value.node.hint)
     if isinstance(value, torch.SymInt):
         expr = value.node.expr
         return int(expr.xreplace({sym: size for sym in expr.free_symbols}))
@@ -90,19 +95,10 @@ def _files_in_stack_traces(gm: fx.GraphModule) -> set[str]:
     return files
 
 
-def trace_size(fake_args: Sequence[Any]) -> int | None:
-    """The batch size the trace ran at (the hint of the first batch symbol among the inputs and
-    their shapes); None for a piece without one."""
-    values = [*fake_args, *(s for t in fake_args if isinstance(t, torch.Tensor) for s in t.shape)]
-    for value in values:
-        if isinstance(value, torch.SymInt) and value.node.expr.is_Symbol and value.node.hint is not None:
-            return int(value.node.hint)
-    return None
-
-
-def concrete_inputs(fake_args: Sequence[Any], size: int, real_by_id: dict[int, Any]) -> list[Any]:
-    """Inputs for compiling a piece at a static batch size: real graph inputs where the piece
-    takes them unchanged (weights), zero tensors of the concrete shape elsewhere."""
+def concrete_inputs(fake_args: Sequence[Any], size: int | None, real_by_id: dict[int, Any]) -> list[Any]:
+    """Inputs for compiling a piece at a static batch size (None: at the sizes of the trace):
+    real graph inputs where the piece takes them unchanged (weights), zero tensors of the
+    concrete shape elsewhere."""
     out: list[Any] = []
     for value in fake_args:
         if isinstance(value, torch.SymInt):
@@ -300,11 +296,7 @@ class PiecewiseBackend:
         real = {id(v) for v in real_by_id.values()}
 
         def make() -> list[Any]:
-            at = size if size is not None else trace_size(args)
-            if at is None and any(isinstance(v, torch.SymInt) for v in args):
-                raise ValueError("the piece's batch size at trace time is unknown")
-            inputs = concrete_inputs(args, at if at is not None else 1, real_by_id)
-            return protect_inputs(inputs, mutated, real)
+            return protect_inputs(concrete_inputs(args, size, real_by_id), mutated, real)
 
         return make
 
