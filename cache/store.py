@@ -182,7 +182,8 @@ class CacheEntry:
         return found
 
     def get_or_compute(
-        self, graph_key: str, compute: Callable[[], bytes], *, timeout: float | None = None
+        self, graph_key: str, compute: Callable[[], bytes], *, timeout: float | None = None,
+        preread: Callable[[str], bytes | None] | None = None,
     ) -> tuple[str, bytes, bool]:
         """(digest, data, computed): the published bytes for `graph_key`, or compute and publish them.
 
@@ -191,9 +192,13 @@ class CacheEntry:
         If compute() raises, nothing is written and the error propagates. `timeout` (seconds,
         None = wait forever) bounds the wait; on expiry TimeoutError (filelock.Timeout) names
         the lock file. A lock held by a process that died is released by the OS.
+
+        `preread(digest)`: bytes of that blob already read through get_blob() (so verified), or
+        None; lets a caller read many blobs at once (in parallel) and not read them twice. The
+        ref is read from disk either way, and its size checked against the bytes.
         """
         check_graph_key(graph_key)
-        found = self._lookup(graph_key)
+        found = self._lookup(graph_key, preread)
         if found is not None:
             self.stats.hits += 1
             return (*found, False)
@@ -400,13 +405,16 @@ class CacheEntry:
             logger.warning("cannot read cache ref %s (%s); treating it as a miss", path, e)
             return None
 
-    def _lookup(self, graph_key: str) -> tuple[str, bytes] | None:
+    def _lookup(self, graph_key: str, preread: Callable[[str], bytes | None] | None = None
+                ) -> tuple[str, bytes] | None:
         """lookup() without counting hits and misses."""
         ref = self._read_ref(graph_key)
         if ref is None:
             return None
         quarantined_before = self.stats.quarantined
-        data = self.get_blob(ref["digest"])
+        data = preread(ref["digest"]) if preread is not None else None
+        if data is None:
+            data = self.get_blob(ref["digest"])
         if data is None:
             # A corrupt blob was just quarantined with a warning; a missing one was not. A blob
             # still there could not be read (EIO, EMFILE): the ref may be fine, so it stays.

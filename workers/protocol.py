@@ -122,6 +122,8 @@ class WorkerReport(BaseModel):
     bytes_loaded: int = 0
     memory_dedup_hits: int = 0
     """(piece, size) served by an identical piece already compiled or loaded in this process."""
+    autotune_benchmarks: int = 0
+    """Times Inductor benchmarked autotuning candidates during the warm-up (0 on a warm start)."""
     pieces_total: int = 0
     pieces_splitting: int = 0
     pieces_compiled: int = 0

@@ -14,10 +14,12 @@ Heavy modules (Inductor) are imported when first used, not when this module is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import os
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -50,6 +52,8 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch._dynamo.source", "DictGetItemSource"),
     ("torch._guards", "TracingContext"),
     ("torch._dispatch.python", "enable_python_dispatcher"),
+    ("torch._dispatch.python", "no_python_dispatcher"),
+    ("torch._subclasses.fake_tensor", "unset_fake_temporarily"),
     ("torch._inductor", "standalone_compile"),
     ("torch._inductor", "CompiledArtifact"),
     ("torch._inductor", "config"),
@@ -58,6 +62,9 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch._inductor.codecache", "torch_key"),
     ("torch._inductor.config", "save_config_portable"),
     ("torch._inductor.custom_graph_pass", "CustomGraphPass"),
+    ("torch._inductor.runtime.triton_heuristics", "CachingAutotuner"),
+    ("torch._inductor.runtime.triton_heuristics", "check_autotune_cache"),
+    ("torch._inductor.runtime.runtime_utils", "cache_dir"),
     ("torch._functorch", "config"),
     ("torch", "_grouped_mm"),
     ("torch.utils._pytree", "treespec_dumps"),
@@ -70,6 +77,8 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
 OPTIONAL_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch._inductor.codecache", "_precompile_header"),  # absent: no header precompilation
     ("torch._inductor", "config_comms"),  # absent: no collective-scheduling options to key
+    # absent: that kind of autotuning is not counted (there is none to count in such a build)
+    ("torch._inductor.select_algorithm", "AlgorithmSelectorCache"),
 )
 
 
@@ -141,6 +150,17 @@ def python_dispatcher() -> contextlib.AbstractContextManager:
     from torch._dispatch.python import enable_python_dispatcher
 
     return enable_python_dispatcher()
+
+
+@contextlib.contextmanager
+def real_tensors() -> Iterator[None]:
+    """Real tensors and kernels in the block, inside a backend's fake-tensor walk: no fake mode
+    and no Python dispatcher (for running a freshly compiled graph on real inputs)."""
+    from torch._dispatch.python import no_python_dispatcher
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), no_python_dispatcher():
+        yield
 
 
 # ---- Kernels ------------------------------------------------------------------------------------
@@ -321,3 +341,142 @@ def dynamo_graphs_traced() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+# ---- Autotuning ---------------------------------------------------------------------------------
+#
+# Inductor tunes in two places. While compiling, max-autotune benchmarks template choices
+# (select_algorithm); the winner is baked into the generated code, so it travels with the
+# artifact. At a kernel's first launch, Triton's runtime autotuner (CachingAutotuner) benchmarks
+# every config of a pointwise or reduction kernel and saves the winner as a `.best_config` file
+# beside the kernel's source file (AutotuneCache, keyed by that file's directory and name). kiln
+# runs each CUDA artifact once while its build directory is still there, so those files are
+# packed with it; on load, `autotune_results_under` makes the loaded kernels look for them where
+# they were unpacked.
+
+# (owner, attribute) of every method counted as one autotuning benchmark; optional ones may be absent.
+_AUTOTUNE_ENTRIES = (
+    ("torch._inductor.runtime.triton_heuristics", "CachingAutotuner", "benchmark_all_configs", True),
+    ("torch._inductor.runtime.triton_heuristics", "CachingAutotuner", "coordinate_descent_tuning", False),
+    ("torch._inductor.select_algorithm", "AlgorithmSelectorCache", "benchmark_choices", False),
+)
+_autotune_lock = threading.Lock()
+_autotune_calls = 0
+_autotune_installed: list[tuple[type, str, Any]] = []  # (class, name, original descriptor)
+
+
+class AutotuneCount:
+    """What `count_autotune_benchmarks` yields: `calls` so far inside its block."""
+
+    def __init__(self) -> None:
+        self._start = _autotune_calls
+        self._end: int | None = None
+
+    @property
+    def calls(self) -> int:
+        return (self._end if self._end is not None else _autotune_calls) - self._start
+
+
+def _counting(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        global _autotune_calls
+        with _autotune_lock:
+            _autotune_calls += 1
+        return original(*args, **kwargs)
+
+    return counted
+
+
+def install_autotune_counter(*, everything: bool = False) -> None:
+    """Wrap Inductor's autotuning entry points (each once per process) so that each call counts.
+
+    The runtime autotuner's module is imported here; max-autotune's (select_algorithm, seconds
+    to import) only with `everything`, else only if something imported it already: compile_graph
+    asks for everything just before Inductor compiles (which imports it anyway), so a warm start
+    pays for that import where it would anyway, in its first load. Installed for good: a wrapper
+    only adds one to a counter, and removing it while another counter's block is open would lose
+    that block's calls. A required entry point missing from this torch is an error naming it
+    (the counts would silently read 0)."""
+    import sys
+
+    with _autotune_lock:
+        done = {(owner, attr) for owner, attr, _ in _autotune_installed}
+        for module_name, owner_name, attr, required in _AUTOTUNE_ENTRIES:
+            if not (required or everything or module_name in sys.modules):
+                continue
+            try:
+                owner = getattr(importlib.import_module(module_name), owner_name)
+                descriptor = inspect.getattr_static(owner, attr)
+            except (ImportError, AttributeError):
+                if required:
+                    raise RuntimeError(f"cannot count autotuning: {module_name}.{owner_name}.{attr} is gone "
+                                       "from this torch") from None
+                continue
+            if (owner, attr) in done:
+                continue
+            if isinstance(descriptor, classmethod):
+                wrapped: Any = classmethod(_counting(descriptor.__func__))
+            elif isinstance(descriptor, staticmethod):
+                wrapped = staticmethod(_counting(descriptor.__func__))
+            else:
+                wrapped = _counting(descriptor)
+            setattr(owner, attr, wrapped)
+            _autotune_installed.append((owner, attr, descriptor))
+
+
+def autotune_entry_points() -> list[tuple[type, str, Any]]:
+    """(class, attribute, torch's own function) of every counted entry point, once installed."""
+    return [(owner, attr, getattr(d, "__func__", d)) for owner, attr, d in _autotune_installed]
+
+
+@contextlib.contextmanager
+def count_autotune_benchmarks() -> Iterator[AutotuneCount]:
+    """Count Inductor's autotuning benchmarks in the block: each time the runtime autotuner
+    benchmarks a kernel's configs, runs coordinate descent, or max-autotune benchmarks a
+    template's choices (all threads of the process, not only this one)."""
+    install_autotune_counter()
+    count = AutotuneCount()
+    try:
+        yield count
+    finally:
+        count._end = _autotune_calls
+
+
+def relocated_kernel_path(filename: str | None, root: str) -> str | None:
+    """Where a kernel source file named `filename` by some compile is under cache dir `root`:
+    itself if it is already there, else `root/<its folder's name>/<its name>` (Inductor's layout)."""
+    if filename is None:
+        return None
+    if os.path.abspath(filename).startswith(os.path.join(os.path.abspath(root), "")):
+        return filename
+    return os.path.join(root, os.path.basename(os.path.dirname(filename)), os.path.basename(filename))
+
+
+@contextlib.contextmanager
+def autotune_results_under(root: str) -> Iterator[None]:
+    """Make kernels loaded in the block look for their saved autotuning results under `root`.
+
+    The runtime autotuner looks for a kernel's `.best_config` beside the kernel's source file.
+    A kernel loaded from the cache's own pickle (the statically launched ones) still carries the
+    source path of the compile, in a build directory long gone; Inductor's cache layout puts
+    that file at `<cache dir>/<2 chars>/<name>.py`, so the same two components under `root`
+    (where the artifact was unpacked, results included) are where its results are now.
+    """
+    from torch._inductor.runtime import triton_heuristics
+
+    original = triton_heuristics.check_autotune_cache
+
+    def relocated(*args: Any, **kwargs: Any) -> Any:
+        # (configs, filename, inductor_meta), positionally or by name, in 2.11 and 2.13 alike.
+        if "filename" in kwargs:
+            kwargs["filename"] = relocated_kernel_path(kwargs["filename"], root)
+        elif len(args) > 1:
+            args = (args[0], relocated_kernel_path(args[1], root), *args[2:])
+        return original(*args, **kwargs)
+
+    triton_heuristics.check_autotune_cache = relocated
+    try:
+        yield
+    finally:
+        triton_heuristics.check_autotune_cache = original

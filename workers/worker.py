@@ -228,8 +228,8 @@ class KilnWorker:
         capture = next((p for p in rec.phases if p.kind == "capture"), None)
         counters = {name: getattr(rec, name) for name in (
             "inductor_compiles", "cache_hits", "cache_misses", "artifacts_saved", "artifacts_loaded",
-            "bytes_saved", "bytes_loaded", "memory_dedup_hits", "pieces_total", "pieces_splitting",
-            "pieces_compiled", "unique_pieces", "cache_key", "cache_dir", "trace_cache")}
+            "bytes_saved", "bytes_loaded", "memory_dedup_hits", "autotune_benchmarks", "pieces_total",
+            "pieces_splitting", "pieces_compiled", "unique_pieces", "cache_key", "cache_dir", "trace_cache")}
         return WorkerReport(
             **counters,
             phases=[PhaseRecord(**vars(p)) for p in rec.phases],

@@ -65,6 +65,9 @@ def test_warm_process_compiles_nothing(cold, module_tmp):
     rec = result["record"]
     assert rec["inductor_compiles"] == 0 and rec["cache_misses"] == 0
     assert rec["cache_hits"] == 6 and rec["artifacts_loaded"] == 6
+    # The rank's six artifacts came off disk together, ahead of the pieces' loads.
+    prefetch = [p for p in rec["phases"] if p["name"] == "prefetch"]
+    assert len(prefetch) == 1 and prefetch[0]["extra"]["blobs"] == 6
     assert result["builds"] == [], "a warm start ran the C++ compiler"
     assert rec["cache_key"] == first["record"]["cache_key"]
     assert_close(result["outputs"], first["outputs"])

@@ -259,6 +259,33 @@ def test_lazy_capture_in_footer_and_trace(workers):
     assert "lazy capture size 4" not in names
 
 
+def test_footer_says_what_loading_read_and_how_fast(report):
+    # Rank 1 loaded 3 artifacts of 512 KiB in its 0.5 s load phase; rank 0 loaded nothing in its
+    # 0.5 s (a slow load of nothing shows as 0 MiB/s); rank 2 died before loading.
+    lines = [ln for ln in report.table().splitlines() if ln.startswith("load:")]
+    assert lines == ["load:        1.50 MiB in 1.00 s, 1.50 MiB/s (rank 0 0.00 MiB in 0.50 s, 0.00 MiB/s, "
+                     "rank 1 1.50 MiB in 0.50 s, 3.00 MiB/s)"]
+
+
+def test_footer_load_line_for_one_rank_and_none_without_loads(workers):
+    one = _merge([workers[1]])
+    assert "load:        1.50 MiB in 0.50 s, 3.00 MiB/s\n" in one.table() + "\n"
+    for w in workers:
+        w["phases"] = [p for p in w["phases"] if p["kind"] != "load"]
+        w["bytes_loaded"] = 0
+    assert "load:" not in _merge(workers).table()
+
+
+def test_footer_counts_autotuning(workers):
+    assert "autotuning:  0 benchmark runs by Inductor\n" in _merge(workers).table()
+    workers[1]["autotune_benchmarks"], workers[2]["autotune_benchmarks"] = 0, 25
+    report = _merge(workers)
+    assert report.totals()["autotune_benchmarks"] == 25
+    assert "autotuning:  25 benchmark runs by Inductor (ranks 0: 25)\n" in report.table()
+    workers[2]["autotune_benchmarks"] = 1
+    assert "autotuning:  1 benchmark run by Inductor\n" in _merge([workers[2]]).table() + "\n"
+
+
 def test_short_device():
     assert short_device("cuda:0 NVIDIA H100 80GB HBM3") == "cuda:0 H100 80GB"
     assert short_device("cpu") == "cpu"

@@ -7,6 +7,12 @@ directory, and the artifact kiln stores is that directory's useful contents (Ind
 "unpacked" artifact plus the kernel binaries it compiled) packed into one deterministic tar.
 Loading extracts the verified bytes into a private directory and loads from there, with
 header precompilation off, so no compiler runs.
+
+On CUDA, Triton's autotuner picks each kernel's config at the kernel's first launch, not while
+compiling, and saves its choice in Inductor's cache directory. So a CUDA artifact is run once
+(`tuning_inputs`) before its build directory is packed: the choices travel with the artifact,
+and a warm process benchmarks nothing. Loading points the kernels at them
+(torch_internals.autotune_results_under).
 """
 
 from __future__ import annotations
@@ -62,16 +68,28 @@ def compile_graph(
     *,
     dynamic_shapes: str,
     config_patches: dict[str, Any],
+    tuning_inputs: Callable[[], Sequence[Any]] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[CompiledFn, bytes]:
-    """Compile `gm` with Inductor; return the callable and its packed, relocatable artifact."""
+    """Compile `gm` with Inductor; return the callable and its packed, relocatable artifact.
+
+    `tuning_inputs` (CUDA): makes inputs that are safe to run the compiled graph on (no real
+    state it writes to); the graph runs once on them so that the autotuner's choices are packed.
+    A failure of that run is not a failed compile: it is noted in `notes` (the choices are then
+    made again at the first launch of every process) and the artifact is kept.
+    """
     with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
         build_dir = os.path.join(work, "build")
         save_dir = os.path.join(work, "artifact")
         os.makedirs(build_dir)
+        # Compile-time autotuning (max-autotune) is counted too; Inductor imports it now anyway.
+        torch_internals.install_autotune_counter(everything=True)
         with _compiler_cache_dirs(build_dir):
             artifact = torch_internals.standalone_compile(
                 gm, example_inputs, dynamic_shapes=dynamic_shapes, config_patches=config_patches)
             artifact.save(path=save_dir, format="unpacked")
+            if tuning_inputs is not None:
+                _tune(artifact, tuning_inputs, notes)
         # The unpacked artifact holds Inductor's graph entries; the kernels it calls were
         # compiled into build_dir. Carry every build file the artifact lacks.
         for base, dirs, files in os.walk(build_dir):
@@ -85,21 +103,50 @@ def compile_graph(
         return artifact, _pack(save_dir)
 
 
+def _tune(artifact: CompiledFn, tuning_inputs: Callable[[], Sequence[Any]], notes: list[str] | None) -> None:
+    """Run the freshly compiled graph once, inside its build directory's cache settings, so the
+    runtime autotuner benchmarks now and writes its `.best_config` files there."""
+    try:
+        # The backend compiles inside its fake-tensor walk of the split graph: leave it.
+        with torch_internals.real_tensors(), torch.no_grad():
+            inputs = list(tuning_inputs())
+            artifact(*inputs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - an optional step; the compile itself succeeded
+        if notes is not None:
+            notes.append(f"autotuning run skipped ({type(exc).__name__}: {exc}); its kernels tune "
+                         "at their first launch in every process")
+
+
+def unpack_artifact(data: bytes, extract_root: str) -> str:
+    """Extract a packed artifact (already digest-verified) into a new private directory under
+    `extract_root`; return that directory. Safe to run in several threads at once."""
+    target = tempfile.mkdtemp(prefix="artifact-", dir=extract_root)
+    manifest = _unpack(data, target)
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"artifact format {manifest.get('format')!r}, expected {ARTIFACT_FORMAT}")
+    return target
+
+
+def load_unpacked(target: str) -> CompiledFn:
+    """Load an artifact that `unpack_artifact` extracted, without invoking any compiler (one
+    thread at a time: Inductor's cache directory is process state)."""
+    try:
+        with (_compiler_cache_dirs(target), torch_internals.skip_header_precompile(),
+              torch_internals.autotune_results_under(target)):
+            return torch_internals.load_artifact(target)
+    except Exception as exc:  # torch raises assorted types for a bad artifact
+        raise ArtifactError(f"failed to load artifact: {type(exc).__name__}: {exc}") from exc
+
+
 def load_graph(data: bytes, extract_root: str) -> CompiledFn:
     """Load a packed artifact (already digest-verified) without invoking any compiler.
 
     The files are extracted under `extract_root`, which must outlive the returned callable's
     use of lazily loaded kernels (kiln keeps one private directory per process).
     """
-    target = tempfile.mkdtemp(prefix="artifact-", dir=extract_root)
-    manifest = _unpack(data, target)
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"artifact format {manifest.get('format')!r}, expected {ARTIFACT_FORMAT}")
-    try:
-        with _compiler_cache_dirs(target), torch_internals.skip_header_precompile():
-            return torch_internals.load_artifact(target)
-    except Exception as exc:  # torch raises assorted types for a bad artifact
-        raise ArtifactError(f"failed to load artifact: {type(exc).__name__}: {exc}") from exc
+    return load_unpacked(unpack_artifact(data, extract_root))
 
 
 def _pack(directory: str) -> bytes:

@@ -52,7 +52,8 @@ def _compiled_runner(backend: PiecewiseBackend, item: dict[str, Any], sizes: lis
 def rebuild(backend: PiecewiseBackend, replay: Replay, args: Sequence[Any], kwargs: dict[str, Any]) -> Callable[..., Any]:
     """The split module with every piece's runner in place, as the backend's __call__ returns it."""
     config, record = backend.config, backend.record
-    with backend.replaying(replay.traced_files):
+    with backend.replaying(replay.traced_files), backend.prefetching(replay.traced_files,
+                                                                      _device(replay, args, kwargs)):
         record.config_hash = backend.config_hash
         pieces = replay.pieces
         compiled = [p for p in pieces if not p["splitting"]]
@@ -63,7 +64,6 @@ def rebuild(backend: PiecewiseBackend, replay: Replay, args: Sequence[Any], kwar
         with_sizes = sum(p["size_arg"] is not None for p in compiled)
         backend._progress_total = (len(compiled) + with_sizes * len(sizes)) if config.use_inductor else 0
         backend._progress_done = 0
-        backend.entry = backend.open_cache_entry(replay.traced_files, _device(replay, args, kwargs))
         runners: list[tuple[str, PieceRunner]] = []
         for item in sorted(pieces, key=lambda p: p["index"]):
             if item["splitting"] or not config.use_inductor:

@@ -21,13 +21,15 @@ import torch
 import torch.fx as fx
 
 from kiln.workers import torch_internals
-from kiln.workers.compilation.artifacts import ArtifactError, compile_graph, load_graph
 from kiln.workers.compilation import graph_codec
+from kiln.workers.compilation.artifacts import ArtifactError, compile_graph, load_graph, load_unpacked
 from kiln.workers.compilation.cached_trace import TraceNeeded, traced_files
 from kiln.workers.layers.custom_op import eager_impl
 from kiln.workers.compilation.factors import cache_key_factors
+from kiln.workers.compilation.mutation import mutated_inputs, protect_inputs
 from kiln.workers.compilation.passes import PostGradPassManager
 from kiln.workers.compilation.piece_runner import PieceRunner, size_index
+from kiln.workers.compilation.prefetch import Prefetch
 from kiln.workers.compilation.record import CompileRecord, Phase
 from kiln.workers.compilation.split import Piece, split_graph
 from kiln.workers.compilation.structural_hash import structural_hash
@@ -61,8 +63,13 @@ def _device_of(example_inputs: Sequence[Any]) -> torch.device:
     return (cuda or tensors)[0].device if tensors else torch.device("cpu")
 
 
-def _concrete(value: Any, size: int) -> int:
-    """Evaluate an int or SymInt with every batch symbol set to `size`."""
+def _concrete(value: Any, size: int | None) -> int:
+    """Evaluate an int or SymInt with every batch symbol set to `size` (None: to the value it
+    had in the trace, each symbol its own)."""
+    if isinstance(value, torch.SymInt) and size is None:
+        if value.node.hint is None:
+            raise ValueError(f"{value} has no value from the trace")
+        return int(value.node.hint)
     if isinstance(value, torch.SymInt):
         expr = value.node.expr
         return int(expr.xreplace({sym: size for sym in expr.free_symbols}))
@@ -81,9 +88,10 @@ def use_eager_impls(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-def concrete_inputs(fake_args: Sequence[Any], size: int, real_by_id: dict[int, Any]) -> list[Any]:
-    """Inputs for compiling a piece at a static batch size: real graph inputs where the piece
-    takes them unchanged (weights), zero tensors of the concrete shape elsewhere."""
+def concrete_inputs(fake_args: Sequence[Any], size: int | None, real_by_id: dict[int, Any]) -> list[Any]:
+    """Inputs for compiling a piece at a static batch size (None: at the sizes of the trace):
+    real graph inputs where the piece takes them unchanged (weights), zero tensors of the
+    concrete shape elsewhere."""
     out: list[Any] = []
     for value in fake_args:
         if isinstance(value, torch.SymInt):
@@ -135,6 +143,10 @@ def dump_graphs(directory: str, gm: fx.GraphModule, split_gm: fx.GraphModule, pi
 class PiecewiseBackend:
     """The level-3 Dynamo backend. One instance compiles one model on one rank."""
 
+    tune_devices: tuple[str, ...] = ("cuda",)
+    """Device types whose fresh artifacts run once before they are packed, so that what the
+    runtime autotuner measured travels with them (Triton's, on CUDA; a CPU does not autotune)."""
+
     def __init__(
         self,
         config: CompilationConfig,
@@ -153,6 +165,8 @@ class PiecewiseBackend:
         self._done: dict[str, Callable[..., Any]] = {}  # graph key -> callable, this process
         self._index: dict[str, dict[str, Any]] = {}
         self._inductor_patches = inductor_config_patches(config)
+        self._device = torch.device("cpu")
+        self._prefetch: Prefetch | None = None
         self._replay_files: list[str] | None = None
         self._replay_loaded: dict[str, int] = {}  # graph key -> bytes, see replaying()
         self.split_gm: fx.GraphModule | None = None
@@ -183,6 +197,33 @@ class PiecewiseBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         record = self.record
         record.config_hash = self.config_hash
+        files = self._replay_files if self._replay_files is not None else traced_files(gm)
+        with self.prefetching(files, _device_of(example_inputs)):
+            return self._compile_pieces(gm, example_inputs)
+
+    @contextlib.contextmanager
+    def prefetching(self, files: Sequence[str], device: torch.device) -> Iterator[None]:
+        """Open the cache entry of a graph that traced `files` on `device` and, for the block,
+        read, verify and unpack every artifact the rank's index lists, in parallel, while the
+        graph is split and walked (or rebuilt from a cached trace); each piece takes its own."""
+        record = self.record
+        self._device = device
+        self.entry = self.open_cache_entry(files, device)
+        if self.entry is not None and self.config.use_inductor:
+            self._prefetch = Prefetch(self.entry, self.rank, _extract_root())
+        try:
+            yield
+        finally:
+            if self._prefetch is not None:
+                self._prefetch.close()
+                if self._prefetch.blobs:
+                    start, end = self._prefetch.start, self._prefetch.end or time.time()
+                    record.phases.append(Phase("prefetch", "other", start, end, end - start,
+                                               {"blobs": self._prefetch.blobs}))
+                self._prefetch = None
+
+    def _compile_pieces(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+        record = self.record
         with record.phase("split", "trace") as facts:
             split_gm, pieces = split_graph(gm, list(self.config.splitting_ops or []))
             facts["pieces"] = len(pieces)
@@ -199,7 +240,6 @@ class PiecewiseBackend:
         self._progress_total = compiled_pieces * (1 + n_sizes)
         self._progress_done = 0
 
-        self.entry = self._open_cache_entry(gm, example_inputs)
         # Dynamo hands backends a fake mode of their own (sharing its shape env); fakify the
         # real inputs in it, which keeps their symbolic batch dimension.
         fake_mode = torch_internals.tracing_fake_mode()
@@ -256,7 +296,9 @@ class PiecewiseBackend:
         general = self._get(
             piece, key, SYMBOLIC,
             lambda: compile_graph(piece.module, args, dynamic_shapes="from_tracing_context",
-                                  config_patches=self._inductor_patches),
+                                  config_patches=self._inductor_patches,
+                                  tuning_inputs=self._tuning_inputs(piece, args, real_by_id, None),
+                                  notes=self.record.warnings),
         )
         sizes = [s for s in (self.config.compile_sizes or []) if isinstance(s, int)]
         by_size: dict[int, Callable[..., Any]] = {}
@@ -268,7 +310,9 @@ class PiecewiseBackend:
                     piece, f"{key}-s{size}", size,
                     lambda size=size: compile_graph(
                         piece.module, concrete_inputs(args, size, real_by_id),
-                        dynamic_shapes="from_example_inputs", config_patches=self._inductor_patches),
+                        dynamic_shapes="from_example_inputs", config_patches=self._inductor_patches,
+                        tuning_inputs=self._tuning_inputs(piece, args, real_by_id, size),
+                        notes=self.record.warnings),
                 )
         self._keep(piece, key=key, size_arg=size_index(args), sizes=sorted(by_size))
         return PieceRunner(piece.index, general, returns_single=piece.returns_single, is_splitting=False,
@@ -294,6 +338,25 @@ class PiecewiseBackend:
             raise ValueError(self._not_describable)
         assert self.split_gm is not None, "describe() before the backend ran"
         return graph_codec.encode(self.split_gm), sorted(self.piece_records, key=lambda p: p["index"])
+
+    def _tuning_inputs(self, piece: Piece, args: Sequence[Any], real_by_id: dict[int, Any],
+                       size: int | None) -> Callable[[], list[Any]] | None:
+        """On CUDA, what compile_graph runs a fresh artifact on so that Triton's autotuner tunes
+        it before it is packed: concrete inputs at `size` (the symbolic artifact: the trace's
+        size), with a zero tensor in place of every real input the piece may write to (a KV
+        cache must not see this run). None elsewhere: nothing autotunes at run time on a CPU."""
+        if self._device.type not in self.tune_devices:
+            return None
+        mutated = self._mutated_inputs(piece)
+        real = {id(v) for v in real_by_id.values()}
+
+        def make() -> list[Any]:
+            return protect_inputs(concrete_inputs(args, size, real_by_id), mutated, real)
+
+        return make
+
+    def _mutated_inputs(self, piece: Piece) -> list[int]:
+        return mutated_inputs(piece.module)
 
     def _get(self, piece: Piece, graph_key: str, size: int | str,
              compile_fn: Callable[[], tuple[Callable[..., Any], bytes]]) -> Callable[..., Any]:
@@ -346,7 +409,8 @@ class PiecewiseBackend:
             start = time.time()
             # A miss asks the cluster before compiling (workers/fanout.py); without fan-out, compute().
             cluster = ClusterStep(record.fanout, entry, graph_key, compute, record.warnings)
-            digest, data, computed = entry.get_or_compute(graph_key, cluster.compute)
+            preread = self._prefetch.bytes_of if self._prefetch is not None else None
+            digest, data, computed = entry.get_or_compute(graph_key, cluster.compute, preread=preread)
             cluster.after(data, computed)
             if not computed and time.time() - start > 0.05:
                 # Another process held this graph's lock: we waited for its compile.
@@ -369,7 +433,8 @@ class PiecewiseBackend:
             try:
                 with record.phase(f"load piece {piece.index} size {size}", "load", graph_key=graph_key,
                                   bytes=len(data)):
-                    fn = load_graph(data, _extract_root())
+                    unpacked = self._prefetch.take_unpacked(digest, data) if self._prefetch is not None else None
+                    fn = load_unpacked(unpacked) if unpacked else load_graph(data, _extract_root())
             except ArtifactError as exc:
                 # Verified bytes that torch cannot load: drop them (unless another rank already
                 # replaced them) and compile afresh.
@@ -392,10 +457,6 @@ class PiecewiseBackend:
         }
 
     # ---- set-up -------------------------------------------------------------------------------
-
-    def _open_cache_entry(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> CacheEntry | None:
-        files = self._replay_files if self._replay_files is not None else traced_files(gm)
-        return self.open_cache_entry(files, _device_of(example_inputs))
 
     def open_cache_entry(self, files: Sequence[str], device: torch.device) -> CacheEntry | None:
         factors, relative = cache_key_factors(self.config_hash, files, device)

@@ -49,6 +49,10 @@ class CompileRecord:
     """(piece, size) served by an identical piece already compiled or loaded in this process."""
     trace_cache: str = ""
     """Whether Dynamo ran: "skipped (cached)", or "ran (why the cached trace did not serve)"."""
+    autotune_benchmarks: int = 0
+    """Times Inductor benchmarked candidates while this record's compile and first runs went on
+    (Triton's runtime autotuner, coordinate descent, max-autotune's template choices): a warm
+    start whose artifacts carry their tuning runs none."""
     traced_files: list[str] = field(default_factory=list)
     config_hash: str = ""
     cache_key: str = ""

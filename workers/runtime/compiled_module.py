@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from kiln.workers import torch_internals
 from kiln.workers.compilation.backend import compile_forward
 from kiln.workers.compilation.record import CompileRecord
 from kiln.workers.compilation.trace_once import TraceOnce
@@ -164,7 +165,12 @@ class CompiledModule:
                 return self._forward(*args, **kwargs)
             args, kwargs = canonical_call(self._signature, args, kwargs)
             if self._call_shape is None:
-                return self._first_call(traced, args, kwargs)
+                # Trace, compile or load, first run: where Inductor would autotune, counted.
+                with torch_internals.count_autotune_benchmarks() as tuned:
+                    try:
+                        return self._first_call(traced, args, kwargs)
+                    finally:
+                        self.record.autotune_benchmarks += tuned.calls
             if traced.direct:  # through Dynamo its guards decide (and a second graph is an error)
                 self._call_shape.check(args, kwargs)
             return traced(*args, **kwargs)

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from kiln.workers import torch_internals
 from kiln.workers.config.modes import CompilationLevel, CUDAGraphMode
 from kiln.workers.config import DEFAULT_CAPTURE_SIZES, CompilationConfig
 from kiln.workers.runtime.cudagraphs import GraphPool, PiecewiseGraphs, fast_capture, graph_runtime
@@ -120,7 +121,20 @@ class KilnModel:
         return mode
 
     def compile(self, sizes: list[int] | None = None) -> CompileRecord:
-        """Trace, compile (or load) and, on CUDA, capture for `sizes` (default capture sizes)."""
+        """Trace, compile (or load) and, on CUDA, capture for `sizes` (default capture sizes).
+
+        Counts Inductor's autotuning benchmarks throughout (record.autotune_benchmarks): the
+        runtime autotuner runs at a kernel's first launch, so in the first run and the warm-up
+        runs before capture, not only while compiling."""
+        if self.config.level == CompilationLevel.NO_COMPILATION:
+            return self._compile(sizes)
+        with torch_internals.count_autotune_benchmarks() as tuned:
+            try:
+                return self._compile(sizes)
+            finally:
+                self.record.autotune_benchmarks += tuned.calls
+
+    def _compile(self, sizes: list[int] | None) -> CompileRecord:
         from kiln.workers.compilation.backend import compile_forward
 
         config, record = self.config, self.record
