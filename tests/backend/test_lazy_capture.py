@@ -257,3 +257,76 @@ def test_lazy_with_tensor_parallelism_captures_eagerly(monkeypatch):
     kiln = make("FULL", "lazy", pool)
     assert kiln.lazy is None and sorted(kiln.full_graphs) == SIZES
     assert any("captured eagerly" in w for w in kiln.record.warnings)
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+def test_full_graph_inputs_are_not_the_piecewise_graphs_inputs():
+    """FULL_AND_PIECEWISE: once a size's piecewise graphs are published, a mixed batch on the
+    main thread copies real rows into their private inputs while the capture thread still runs
+    the full graph's warm-ups and capture; those must run on inputs of their own (padding rows
+    only), or they write real KV-cache slots behind the main thread's back. Here the capture
+    thread is held just before the full capture of size 4 (its piecewise graphs published) while
+    the main thread runs a mixed batch of 3 (padded to 4, on those piecewise graphs)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(kind, size):
+        if (kind, size) == ("full", 4):
+            held.set()
+            assert release.wait(30)
+
+    pool = FakePool(hold=hold)
+    kiln = make("FULL_AND_PIECEWISE", "lazy", pool)
+    try:
+        assert held.wait(30)
+        assert 4 in kiln._piecewise_graphed and 4 not in kiln.full_graphs
+        run(kiln, 3, False)  # piecewise graphs of size 4: real rows into their inputs
+    finally:
+        release.set()
+    assert kiln.lazy.wait(60)
+    pad = kiln.dummy_inputs(4)
+    for size in SIZES:
+        full = _storages(kiln._full_inputs[size])
+        pieces = set().union(*(_storages(g.graphs[size].inputs) for g in kiln._piecewise))
+        assert full and not full & pieces, f"size {size}: the full graph shares inputs with the piecewise graphs"
+    # No decode batch has replayed a full graph yet: its inputs still hold padding only.
+    for got, want in zip(kiln._full_inputs[4], pad):
+        assert torch.equal(got, want), "the full capture of size 4 ran on the main thread's rows"
+    kiln.close()
+
+
+def test_gc_is_paused_during_a_capture_and_restored():
+    from kiln.workers.runtime.cudagraphs import _gc_paused
+
+    assert gc.isenabled()
+    with _gc_paused():
+        assert not gc.isenabled()
+        with _gc_paused():  # nested (another thread's capture) keeps it off
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # was off before: stays off
+    finally:
+        gc.enable()
+    entered, leave = threading.Event(), threading.Event()
+
+    def other():
+        with _gc_paused():
+            entered.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert entered.wait(10)
+    with _gc_paused():
+        pass
+    assert not gc.isenabled()  # the other thread is still inside
+    leave.set()
+    thread.join(10)
+    assert gc.isenabled()

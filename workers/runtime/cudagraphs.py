@@ -7,6 +7,15 @@ the sizes largest first, so smaller graphs reuse the larger ones' memory. Lazy c
 (`GraphPool(stream=...)`, KilnModel._capture_size_lazily) takes them in order of expected use on
 a background thread's own stream, with capture_error_mode "thread_local".
 
+Garbage collection is paused while a capture is under way (`_gc_paused`): a cyclic collection
+that runs on the capturing thread in the middle of a capture can destroy an unreachable
+CUDAGraph of an earlier model (PiecewiseGraphs and its runner form a cycle, so graphs are freed
+by the collector, not by reference counts) or unload a module; cudaGraphExecDestroy and the like
+are prohibited on a capturing thread, the CUDA call fails ("operation not permitted when stream
+is capturing") and the capture is invalidated (pytorch/pytorch#161037). torch.cuda.graph used to
+run gc.collect() before every capture, which hid this; it no longer does, and a lazy capture
+thread runs next to a main thread that keeps making garbage.
+
 Static inputs: a piecewise graph remembers the tensors it was captured with (keeping them
 alive) and, on replay, copies any input whose address changed into them (the output of an
 eager attention op between two graphs, say); weights never move, so they are never copied.
@@ -51,6 +60,33 @@ def graph_runtime(piecewise: bool, size: int, capturing: bool = False) -> Iterat
         _RT.piecewise, _RT.size, _RT.capturing = saved
 
 
+_GC_LOCK = threading.Lock()
+_GC_DEPTH = 0
+_GC_WAS_ENABLED = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No automatic garbage collection inside (the whole process: gc is global). Nestable and
+    thread-safe: the collector's state from before the outermost entry is restored when the
+    last one leaves, so two threads capturing at once (eager capture of one model while another
+    model's lazy thread captures) never re-enable it under each other. Explicit gc.collect()
+    still works; the window is one capture (begin to end), a few milliseconds."""
+    global _GC_DEPTH, _GC_WAS_ENABLED
+    with _GC_LOCK:
+        if _GC_DEPTH == 0:
+            _GC_WAS_ENABLED = gc.isenabled()
+            gc.disable()
+        _GC_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_DEPTH -= 1
+            if _GC_DEPTH == 0 and _GC_WAS_ENABLED:
+                gc.enable()
+
+
 @dataclass
 class CaptureStat:
     kind: str  # "piecewise" or "full"
@@ -77,7 +113,24 @@ class GraphPool:
     around torch.cuda.graph's __enter__ on purpose: that runs a device-wide synchronize,
     gc.collect() and empty_cache() before every capture, which from a background thread would
     hold the GIL and return cached blocks that the serving thread is about to reuse. Only the
-    capture stream is synchronised, before (its warm-up work is done) and after.
+    capture stream is synchronised, before (its warm-up work is done) and after. Automatic
+    garbage collection is paused from capture_begin to capture_end (`_gc_paused`, see the module
+    docstring): the collector would otherwise run on this thread whenever its allocations cross
+    the threshold, and freeing another graph there invalidates the capture.
+
+    Why one pool shared by lazily captured graphs is sound while the main stream replays other
+    graphs of it (torch's private-pool semantics, torch/cuda/graphs.py and the caching
+    allocator): during a capture only allocations on a stream that is capturing *this* graph
+    are routed to the pool, so the main thread's allocations never come from it; a capture
+    launches no kernels, so the memory it is handed (blocks freed by earlier captures, i.e. other
+    graphs' intermediates, which the main stream may be writing at that moment) is not written
+    until this graph is replayed, and every replay runs on the main thread's stream, one after
+    another, as in eager capture; blocks still referenced (every graph's static output) are never
+    handed out again. Outside a capture the capture thread's eager work (warm-ups, the splitting
+    ops between piecewise captures) allocates from the ordinary per-stream caches, and writes pool
+    memory nowhere: it only reads the static outputs of the pieces it just captured (garbage, as
+    in eager capture) and writes its own tensors and the spare KV slot. So no private pool per
+    size is needed; a splitting op that wrote *in place* into a piece's output would break this.
     """
 
     handle: Any = field(default_factory=lambda: torch.cuda.graph_pool_handle())
@@ -92,7 +145,7 @@ class GraphPool:
         torch.cuda.synchronize()
         before = torch.cuda.memory_reserved()
         t0 = time.perf_counter()
-        with torch.cuda.graph(graph, pool=self.handle):
+        with _gc_paused(), torch.cuda.graph(graph, pool=self.handle):
             out = fn()
         torch.cuda.synchronize()
         self.stats.append(CaptureStat(kind, size, time.perf_counter() - t0,
@@ -105,7 +158,7 @@ class GraphPool:
         stream.synchronize()
         before = torch.cuda.memory_reserved()
         t0 = time.perf_counter()
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), _gc_paused():
             graph.capture_begin(self.handle, capture_error_mode="thread_local")
             try:
                 out = fn()

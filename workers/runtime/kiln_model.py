@@ -235,6 +235,12 @@ class KilnModel:
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         pool = self._injected_pool if self._injected_pool is not None else GraphPool(stream=stream)
         piecewise, full = self._prepare_capture(pool)
+        if stream is not None:
+            # The side stream does not synchronise with the main thread's: order everything
+            # queued on it so far (weights and KV cache being filled or copied in, the trace's
+            # first run, the static buffers just cloned) before the capture thread's first
+            # kernel, which reads the weights and writes the KV cache.
+            stream.wait_stream(torch.cuda.current_stream(device))
         self._lazy_plan = (piecewise, full, stream)
         order = config.lazy_capture_order()
         ready_at = time.time()
@@ -267,6 +273,21 @@ class KilnModel:
           full graph's replay first copies the staged rows from `_buffers` into them
           (`_full_inputs`, a few small copies per replay); a piecewise graph copies any input
           whose address differs from its capture's (PiecewiseGraphs does that already).
+          The piecewise graphs and the full graph of one size get *separate* private inputs:
+          once the piecewise graphs are published, a mixed batch on the main thread copies its
+          real rows into their inputs (on the main stream) while this thread is still running
+          the full graph's warm-ups on the side stream. Had those warm-ups read the same
+          tensors (as they did), they would run the model on real ids, positions and KV slots,
+          half-copied or stale, and write their k/v into *real* KV-cache slots at real
+          positions, unordered with the main stream's reads: wrong outputs for later batches
+          (FULL_AND_PIECEWISE only). Nothing this thread reads may be a tensor that a
+          published graph's replay writes.
+        - Stream order. `_start_lazy_capture` makes the side stream wait for the main stream
+          once, so the weights, KV cache and everything else queued before the thread starts are
+          in place before its first kernel. After that the side stream reads only tensors the
+          main stream never writes again (weights) or whose rows it shares only as garbage (the
+          spare KV slot); the main stream uses the side stream's results only after a host
+          synchronisation (Publication).
         - KV cache. Padding rows carry the model's pad_values (the spare KV slot), so the
           attention that runs eagerly between piecewise captures, and the warm-ups, write only
           the spare slot, which no real row reads; the main thread's padding rows write it too,
@@ -277,7 +298,10 @@ class KilnModel:
           capturing stream), a capture launches nothing (so it never writes pool memory that a
           replay on the main stream is using), the eager ops run during a piecewise capture
           only read pool memory (garbage, like in eager capture) and write their own, and all
-          replays run on the main thread's stream one after another. What shrinks is reuse:
+          replays run on the main thread's stream one after another (GraphPool's docstring
+          has the longer argument). Automatic garbage collection is paused during each
+          capture (GraphPool), since freeing an earlier model's graph on this thread would
+          invalidate it. What shrinks is reuse:
           a small size captured first cannot hand a larger one all of its memory, so the pool
           can end larger than eager capture's (the capture stats and the report give the bytes).
         - Publication. A size becomes visible to dispatch only when all its graphs are captured
@@ -306,13 +330,16 @@ class KilnModel:
                     stream.synchronize()
                 self._piecewise_graphed = self._piecewise_graphed | {size}
             if full:
+                # Not the piecewise graphs' inputs: those are published and the main thread may
+                # be copying a real batch into them now (see Inputs above).
+                full_inputs = self.dummy_inputs(size) if piecewise else inputs
                 for _ in range(warmups):
-                    self.forward_fn(*inputs)
+                    self.forward_fn(*full_inputs)
                 forward = self.forward_fn  # (the graph's closure must not hold the KilnModel)
-                entry = self.pool.capture("full", size, lambda: forward(*inputs))
+                entry = self.pool.capture("full", size, lambda: forward(*full_inputs))
                 if cuda:
                     stream.synchronize()
-                self._full_inputs[size] = inputs
+                self._full_inputs[size] = full_inputs
                 self.full_graphs[size] = entry
 
     def capture_summary(self) -> dict[str, Any] | None:
