@@ -71,6 +71,7 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch.utils._pytree", "treespec_loads"),
     ("torch._dynamo", "config"),
     ("torch._dynamo.utils", "counters"),
+    ("torch._inductor.cpu_vec_isa", "pick_vec_isa"),
 )
 
 # Present in some builds only; each use has a fallback.
@@ -275,6 +276,13 @@ def _portable_options(module: Any) -> dict[str, Any]:
     kwargs = {name: value for name, value in (("ignore_private_configs", False), ("readonly_values", True))
               if name in params}
     return dict(module.save_config_portable(**kwargs))
+
+
+def pick_cpu_vec_isa() -> Any:
+    """Inductor's choice of CPU vector ISA (checked by building for it, then remembered)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return pick_vec_isa()
 
 
 def custom_graph_pass_base() -> type:
