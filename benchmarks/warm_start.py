@@ -13,7 +13,8 @@ host; "compile s" is the part the cache replaces (trace + compile cold, trace + 
   gets only kiln's cache (its Inductor cache dir is fresh each run; its Triton cache dir, where
   kiln never puts a kernel, keeps Triton's driver stubs as any machine does).
 - `kiln warmup` of the example model (CPU, TP=1) or the Llama-3.1-8B zoo model (GPU, dummy
-  weights, TP=1, 35 capture sizes; warm with eager and with lazy capture): whole command and,
+  weights, TP=1, 35 capture sizes; warm with eager and with lazy capture, the latter in
+  PIECEWISE mode, the only one lazy capture runs in): whole command and,
   per rank, the worker's time to ready and its trace/compile/load/capture seconds.
 
 Targets (issue 15): kiln warm ≤ 5 % of kiln cold, and below torch.compile warm; on the GPU,
@@ -141,8 +142,11 @@ def warmup_variants(gpu: bool, work: str) -> list[dict]:
     rows = []
     for label, capture in (("cold", "eager"), ("warm", "eager"), ("warm lazy", "lazy")):
         report = os.path.join(work, f"warmup-{label.replace(' ', '-')}.json")
+        # Lazy capture runs in PIECEWISE only (modes with full graphs capture eagerly); the
+        # graph mode is not part of the cache key, so the warm cache serves it.
+        mode = ["--set", "cudagraph_mode=PIECEWISE"] if capture == "lazy" else []
         cmd = [sys.executable, "-m", "kiln", "warmup", model, "--tp", "1", "--cache-root", root, *extra,
-               "--cudagraph-capture", capture, "--report", report, "--quiet"]
+               "--cudagraph-capture", capture, *mode, "--report", report, "--quiet"]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(dir=work, prefix="inductor-"))
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Lazy CUDA graph capture on a GPU (run on the device: pytest -m cuda tests/cuda/test_lazy_capture.py).
 
 Against an eager-capture twin (same weights, same config but cudagraph_capture="eager"), for
-PIECEWISE and FULL_AND_PIECEWISE: outputs are equal for every batch size, while the capture
+PIECEWISE (modes with full graphs capture eagerly: see KilnModel.compile): outputs are equal for every batch size, while the capture
 thread is held before a size (so some sizes are captured and some are not), while it runs
 freely next to a busy main thread, and after it has finished; every size is captured
 eventually, on the capture thread's stream; the summary says when. The CPU tests
@@ -123,7 +123,7 @@ def _check(lazy, n: int, decode: bool, want: torch.Tensor, where: str) -> None:
     torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{m}\n{detail}")
 
 
-@pytest.mark.parametrize("mode", ["PIECEWISE", "FULL_AND_PIECEWISE"])
+@pytest.mark.parametrize("mode", ["PIECEWISE"])
 def test_lazy_capture_matches_eager_capture(mode, cache_root, models, monkeypatch):
     from kiln.workers.runtime.cudagraphs import GraphPool
 
@@ -172,10 +172,18 @@ def test_lazy_capture_matches_eager_capture(mode, cache_root, models, monkeypatc
     assert lazy.close(30)
 
 
+def test_lazy_capture_with_full_graphs_captures_eagerly_and_says_so(cache_root, models):
+    # FULL_AND_PIECEWISE lazily gave wrong rows on an H200 (2 runs of 3): until that is
+    # understood, kiln captures eagerly in modes with full graphs and warns.
+    kiln = _make("FULL_AND_PIECEWISE", "lazy", cache_root, models)
+    assert kiln.lazy is None and sorted(kiln.full_graphs) == SIZES
+    assert any("lazy capture of full graphs" in w for w in kiln.record.warnings), kiln.record.warnings
+
+
 def test_lazy_capture_of_a_failing_size_runs_it_without_graphs(cache_root, models, monkeypatch):
     from kiln.workers.runtime.cudagraphs import GraphPool
 
-    eager = _make("FULL_AND_PIECEWISE", "eager", cache_root, models)
+    eager = _make("PIECEWISE", "eager", cache_root, models)
     original = GraphPool._capture_on_stream
 
     def failing(self, kind, size, fn):
@@ -184,7 +192,7 @@ def test_lazy_capture_of_a_failing_size_runs_it_without_graphs(cache_root, model
         return original(self, kind, size, fn)
 
     monkeypatch.setattr(GraphPool, "_capture_on_stream", failing)
-    lazy = _make("FULL_AND_PIECEWISE", "lazy", cache_root, models)
+    lazy = _make("PIECEWISE", "lazy", cache_root, models)
     assert lazy.lazy.wait(300)
     summary = lazy.capture_summary()
     assert set(summary["failed"]) == {4} and summary["captured"] == len(SIZES) - 1, summary

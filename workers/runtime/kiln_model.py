@@ -176,6 +176,18 @@ class KilnModel:
                 log.warning(note)
                 record.warnings.append(note)
                 self._capture()
+            elif lazy and self.mode.has_full_cudagraphs() and self._injected_pool is None:
+                # On an H200 the CUDA test of lazy capture with full graphs failed twice in three
+                # runs (a piecewise replay on the main thread gave wrong rows while the capture
+                # thread warmed up and captured the full graph of a larger size; cause not found:
+                # suspected shared per-stream cuBLAS workspace between the capture stream's eager
+                # warm-ups and replays of graphs captured on it). PIECEWISE passed every run.
+                note = (f"cudagraph_capture lazy: captured eagerly, since lazy capture of full graphs "
+                        f"({self.mode.name}) failed its GPU correctness test; use cudagraph_mode "
+                        "PIECEWISE for lazy capture")
+                log.warning(note)
+                record.warnings.append(note)
+                self._capture()
             elif lazy:
                 self._start_lazy_capture()
             else:
