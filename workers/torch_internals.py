@@ -71,7 +71,6 @@ PRIVATE_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("torch.utils._pytree", "treespec_loads"),
     ("torch._dynamo", "config"),
     ("torch._dynamo.utils", "counters"),
-    ("torch._inductor.cpu_vec_isa", "pick_vec_isa"),
 )
 
 # Present in some builds only; each use has a fallback.
@@ -202,6 +201,18 @@ def grouped_mm_fast(x: torch.Tensor) -> bool:
 # ---- Inductor -----------------------------------------------------------------------------------
 
 
+def import_compiler() -> None:
+    """Import what a compile or a load of kiln's artifacts needs from Dynamo and Inductor (the
+    compile_fx stack, its lowerings and code cache, Triton's runtime heuristics on CUDA builds)."""
+    for name in ("torch._dynamo", "torch._inductor.config", "torch._inductor.compile_fx",
+                 "torch._inductor.codecache", "torch._inductor.select_algorithm"):
+        importlib.import_module(name)
+    try:
+        importlib.import_module("torch._inductor.runtime.triton_heuristics")
+    except ImportError:  # a build without Triton: nothing autotunes at run time
+        pass
+
+
 def inductor_config() -> Any:
     """torch._inductor.config (a module with `patch()` and attribute options)."""
     return importlib.import_module("torch._inductor.config")
@@ -278,13 +289,6 @@ def _portable_options(module: Any) -> dict[str, Any]:
     return dict(module.save_config_portable(**kwargs))
 
 
-def pick_cpu_vec_isa() -> Any:
-    """Inductor's choice of CPU vector ISA (checked by building for it, then remembered)."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    return pick_vec_isa()
-
-
 def custom_graph_pass_base() -> type:
     """Inductor's base class for custom passes (its uuid() enters Inductor's cache key)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -312,6 +316,17 @@ def skip_header_precompile() -> Iterator[None]:
         yield
     finally:
         codecache._precompile_header = original
+
+
+def trusting_cpu_isa() -> contextlib.AbstractContextManager:
+    """Load C++ kernels without Inductor's CPU vector-ISA probe (a test build, then a dlopen in
+    a child process, ~1 s, once per process). The probe's library is built in the cache
+    directory of the moment, so only the artifact compiled first in a process carries it, and a
+    warm process (or a bundle's) whose first load is another artifact would run the C++
+    compiler. `cpp.vec_isa_ok=True` takes the ISAs the CPU reports as buildable: what the
+    compile's real probe found on the machine this cache key (which holds ATen's CPU capability)
+    was built for. Only the load sees it; the option never enters a key from here."""
+    return inductor_config().patch({"cpp.vec_isa_ok": True})
 
 
 @contextlib.contextmanager

@@ -62,28 +62,6 @@ def _compiler_cache_dirs(path: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-_CPU_ISA_CHECKED = False
-
-
-def check_cpu_isa_once(directory: str) -> None:
-    """Run Inductor's CPU vector-ISA check once per process, in `directory` (private, lasting).
-
-    Inductor checks which vector ISA the C++ compiler can build for (a tiny build, then a
-    dlopen in a child process) at the first CPU compile or load of a process, in the cache
-    directory of that moment, and remembers the answer in memory only. Left to itself, the
-    check's library lands in the first compile's private build directory and so only in that
-    artifact; a warm process whose first load is another artifact builds it again. Done here
-    first, in a directory of its own under the cache root, a warm process finds it built.
-    """
-    global _CPU_ISA_CHECKED
-    if _CPU_ISA_CHECKED:
-        return
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    with _compiler_cache_dirs(directory):
-        torch_internals.pick_cpu_vec_isa()
-    _CPU_ISA_CHECKED = True
-
-
 def compile_graph(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -156,7 +134,7 @@ def load_unpacked(target: str) -> CompiledFn:
     thread at a time: Inductor's cache directory is process state)."""
     try:
         with (_compiler_cache_dirs(target), torch_internals.skip_header_precompile(),
-              torch_internals.autotune_results_under(target)):
+              torch_internals.trusting_cpu_isa(), torch_internals.autotune_results_under(target)):
             return torch_internals.load_artifact(target)
     except Exception as exc:  # torch raises assorted types for a bad artifact
         raise ArtifactError(f"failed to load artifact: {type(exc).__name__}: {exc}") from exc

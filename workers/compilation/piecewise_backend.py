@@ -22,8 +22,7 @@ import torch.fx as fx
 
 from kiln.workers import torch_internals
 from kiln.workers.compilation import graph_codec
-from kiln.workers.compilation.artifacts import (ArtifactError, check_cpu_isa_once, compile_graph, load_graph,
-                                                load_unpacked)
+from kiln.workers.compilation.artifacts import ArtifactError, compile_graph, load_graph, load_unpacked
 from kiln.workers.compilation.cached_trace import TraceNeeded, traced_files
 from kiln.workers.layers.custom_op import eager_impl
 from kiln.workers.compilation.factors import cache_key_factors
@@ -202,14 +201,6 @@ class PiecewiseBackend:
         with self.prefetching(files, _device_of(example_inputs)):
             return self._compile_pieces(gm, example_inputs)
 
-    def _toolchain_dir(self) -> str:
-        """Where Inductor's CPU ISA check builds (see check_cpu_isa_once): the cache root's
-        `.toolchain/` (never an entry), or this process's private directory without a
-        writable root (a check that cannot build would pick a weaker ISA)."""
-        if self.store is not None and not self.store.read_only:
-            return os.path.join(self.store.root, ".toolchain")
-        return os.path.join(_extract_root(), "toolchain")
-
     @contextlib.contextmanager
     def prefetching(self, files: Sequence[str], device: torch.device) -> Iterator[None]:
         """Open the cache entry of a graph that traced `files` on `device` and, for the block,
@@ -217,8 +208,6 @@ class PiecewiseBackend:
         graph is split and walked (or rebuilt from a cached trace); each piece takes its own."""
         record = self.record
         self._device = device
-        if device.type == "cpu" and self.config.use_inductor:
-            check_cpu_isa_once(self._toolchain_dir())
         self.entry = self.open_cache_entry(files, device)
         if self.entry is not None and self.config.use_inductor:
             self._prefetch = Prefetch(self.entry, self.rank, _extract_root())

@@ -45,10 +45,13 @@ class Prefetch:
         index = entry.rank_index(rank).read()
         digests = sorted({v["digest"] for v in index.values() if isinstance(v, dict) and v.get("digest")})
         workers = threads or min(MAX_THREADS, os.cpu_count() or 1, max(1, len(digests)))
+        # Counted before the first task starts: a fast task counts itself down.
+        self._pending = self.blobs = len(digests)
+        if not digests:
+            self.end = self.start
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiln-prefetch")
         self._futures: dict[str, Future[tuple[bytes, str | None] | None]] = {
             d: self._pool.submit(self._fetch, d) for d in digests}
-        self._pending = self.blobs = len(self._futures)
 
     def _fetch(self, digest: str) -> tuple[bytes, str | None] | None:
         try:
