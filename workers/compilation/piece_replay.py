@@ -18,7 +18,7 @@ import torch
 from kiln.workers.compilation import graph_codec
 from kiln.workers.compilation.cached_trace import Replay, TraceNeeded
 from kiln.workers.compilation.piece_runner import PieceRunner
-from kiln.workers.compilation.piecewise_backend import SYMBOLIC, PiecewiseBackend, use_eager_impls
+from kiln.workers.compilation.piecewise_backend import SYMBOLIC, PiecewiseBackend, device_of, use_eager_impls
 
 
 def _never() -> Any:
@@ -26,10 +26,8 @@ def _never() -> Any:
 
 
 def _device(replay: Replay, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.device:
-    """The device the graph computes on, as the backend would have seen it (a CUDA tensor's if any)."""
-    tensors = [t for t in (*replay.constants, *args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    cuda = [t for t in tensors if t.device.type == "cuda"]
-    return (cuda or tensors)[0].device if tensors else torch.device("cpu")
+    """The device the graph computes on, as the backend would have seen it in Dynamo's inputs."""
+    return device_of([*replay.constants, *args, *kwargs.values()])
 
 
 def _compiled_runner(backend: PiecewiseBackend, item: dict[str, Any], sizes: list[int]) -> PieceRunner:

@@ -55,7 +55,7 @@ def _extract_root() -> str:
 _EXTRACT_DIR: tempfile.TemporaryDirectory | None = None
 
 
-def _device_of(example_inputs: Sequence[Any]) -> torch.device:
+def device_of(example_inputs: Sequence[Any]) -> torch.device:
     """The device the graph computes on: a CUDA input's if there is one (a CPU-side tensor among
     the inputs must not key CUDA artifacts with CPU factors), else the first tensor's."""
     tensors = [v for v in example_inputs if isinstance(v, torch.Tensor)]
@@ -198,7 +198,7 @@ class PiecewiseBackend:
         record = self.record
         record.config_hash = self.config_hash
         files = self._replay_files if self._replay_files is not None else traced_files(gm)
-        with self.prefetching(files, _device_of(example_inputs)):
+        with self.prefetching(files, device_of(example_inputs)):
             return self._compile_pieces(gm, example_inputs)
 
     @contextlib.contextmanager

@@ -101,12 +101,14 @@ def check_capture_sizes(value: Any) -> list[int] | None:
     """None, or positive ints."""
     if value is None:
         return None
-    entries = _require_list("cudagraph_capture_sizes", value)
+    return _positive_ints("cudagraph_capture_sizes", value)
+
+
+def _positive_ints(field: str, value: Any) -> list[int]:
+    entries = _require_list(field, value)
     for entry in entries:
         if not is_positive_int(entry):
-            raise ValueError(
-                f"cudagraph_capture_sizes: invalid entry {entry!r}; expected a positive int"
-            )
+            raise ValueError(f"{field}: invalid entry {entry!r}; expected a positive int")
     return entries
 
 
@@ -115,12 +117,7 @@ def check_capture_order(value: Any) -> list[int] | None:
     sizes are fixed: `init_with_cudagraph_sizes` checks that)."""
     if value is None:
         return None
-    entries = _require_list("cudagraph_capture_order", value)
-    for entry in entries:
-        if not is_positive_int(entry):
-            raise ValueError(
-                f"cudagraph_capture_order: invalid entry {entry!r}; expected a positive int"
-            )
+    entries = _positive_ints("cudagraph_capture_order", value)
     duplicates = sorted({entry for entry in entries if entries.count(entry) > 1})
     if duplicates:
         raise ValueError(f"cudagraph_capture_order: sizes {duplicates} appear more than once")
