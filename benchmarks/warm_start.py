@@ -4,6 +4,7 @@
     python benchmarks/warm_start.py --gpu [--out results.json]      # one GPU: 1B and 8B shapes
 
 Every variant runs in a fresh process, twice on one cache directory: cold (empty) then warm.
+All children share compiled bytecode (`prime_bytecode`), as on a machine where pip wrote .pyc.
 "first output s" runs from the child's start (imports included) to the first output on the
 host; "compile s" is the part the cache replaces (trace + compile cold, trace + load warm).
 
@@ -13,8 +14,7 @@ host; "compile s" is the part the cache replaces (trace + compile cold, trace + 
   gets only kiln's cache (its Inductor cache dir is fresh each run; its Triton cache dir, where
   kiln never puts a kernel, keeps Triton's driver stubs as any machine does).
 - `kiln warmup` of the example model (CPU, TP=1) or the Llama-3.1-8B zoo model (GPU, dummy
-  weights, TP=1, 35 capture sizes; warm with eager and with lazy capture, the latter in
-  PIECEWISE mode, the only one lazy capture runs in): whole command and,
+  weights, TP=1, 35 capture sizes; warm with eager and with lazy capture): whole command and,
   per rank, the worker's time to ready and its trace/compile/load/capture seconds.
 
 Targets (issue 15): kiln warm ≤ 5 % of kiln cold, and below torch.compile warm; on the GPU,
@@ -42,6 +42,28 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key
             num_hidden_layers=3, vocab_size=64, max_position_embeddings=64)
 
 
+# ---- bytecode ---------------------------------------------------------------------------------
+
+
+def prime_bytecode(work: str) -> None:
+    """Give every child compiled bytecode, as an installed machine has.
+
+    A site-packages without .pyc files that Python cannot write to (read-only images, such as
+    the GPU machines kiln is measured on) makes every process compile torch's modules from
+    source again: seconds per start, for kiln and for torch.compile alike, that no user with a
+    normal install pays. So all children share one PYTHONPYCACHEPREFIX, filled by one unmeasured
+    process that imports what the variants import before any variant runs.
+    """
+    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
+    code = ("import torch, torch._dynamo, torch._inductor.compile_fx, torch._inductor.select_algorithm, transformers;"
+            "from transformers import LlamaForCausalLM; import kiln, kiln.workers.worker, kiln.orchestrator.cli;"
+            "import ray")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=600)
+    print(f"# bytecode primed in {time.perf_counter() - t0:.1f} s ({os.environ['PYTHONPYCACHEPREFIX']})", flush=True)
+
+
 # ---- child: one variant, one process ------------------------------------------------------------
 
 
@@ -58,6 +80,7 @@ def child(spec: dict) -> None:
     ids = torch.randint(0, config.vocab_size, (4, 16), device=device)
     t_built = time.perf_counter()
     facts: dict = {}
+    profile = _profiler(spec.get("profile"))
     if spec["variant"] == "kiln":
         import kiln
 
@@ -75,8 +98,36 @@ def child(spec: dict) -> None:
     if gpu:
         torch.cuda.synchronize()
     first = time.perf_counter()
+    if profile is not None:
+        _write_profile(profile, spec["profile"])
     print(json.dumps({"first_output_s": first - START, "compile_s": first - t_built,
                       "checksum": out.float().sum().item(), **facts}))
+
+
+def _profiler(path: str | None):
+    """A running cProfile.Profile when the spec asks for one (--profile), else None."""
+    if not path:
+        return None
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
+def _write_profile(profile, path: str) -> None:
+    """Stop `profile`; its stats to path (.prof) and the top functions to path.txt."""
+    import io
+    import pstats
+
+    profile.disable()
+    profile.dump_stats(path)
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(40)
+    with open(path + ".txt", "w") as f:
+        f.write(text.getvalue())
 
 
 def run_child(spec: dict, env: dict) -> dict:
@@ -87,7 +138,7 @@ def run_child(spec: dict, env: dict) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def compile_variants(gpu: bool, work: str) -> list[dict]:
+def compile_variants(gpu: bool, work: str, profile_dir: str | None = None) -> list[dict]:
     rows = []
     for variant in ("kiln", "torch.compile"):
         root = os.path.join(work, variant)
@@ -102,8 +153,10 @@ def compile_variants(gpu: bool, work: str) -> list[dict]:
         for label in ("cold", "warm"):
             if variant == "kiln":  # only kiln's own cache may help kiln: no Inductor cache
                 env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=work, prefix="inductor-")
-            results[label] = run_child({"variant": "kiln" if variant == "kiln" else "torch", "gpu": gpu,
-                                        "root": root}, env)
+            spec = {"variant": "kiln" if variant == "kiln" else "torch", "gpu": gpu, "root": root}
+            if profile_dir and label == "warm":  # where a warm start goes, function by function
+                spec["profile"] = os.path.join(profile_dir, f"{spec['variant']}-warm.prof")
+            results[label] = run_child(spec, env)
             print(f"# {variant} {label}: {json.dumps(results[label])}", flush=True)
         rows.append({"variant": f"{variant} ({'Llama-3.2-1B shape' if gpu else 'tiny Llama, 3 layers'})",
                      **results})
@@ -127,7 +180,7 @@ def _rank_facts(report_path: str) -> dict:
             "lazy_capture": rank.get("lazy_capture")}
 
 
-def warmup_variants(gpu: bool, work: str) -> list[dict]:
+def warmup_variants(gpu: bool, work: str, profile_dir: str | None = None) -> list[dict]:
     root = os.path.join(work, "warmup-cache")
     if gpu:
         sys.path.insert(0, ROOT)
@@ -142,13 +195,12 @@ def warmup_variants(gpu: bool, work: str) -> list[dict]:
     rows = []
     for label, capture in (("cold", "eager"), ("warm", "eager"), ("warm lazy", "lazy")):
         report = os.path.join(work, f"warmup-{label.replace(' ', '-')}.json")
-        # Lazy capture runs in PIECEWISE only (modes with full graphs capture eagerly); the
-        # graph mode is not part of the cache key, so the warm cache serves it.
-        mode = ["--set", "cudagraph_mode=PIECEWISE"] if capture == "lazy" else []
         cmd = [sys.executable, "-m", "kiln", "warmup", model, "--tp", "1", "--cache-root", root, *extra,
-               "--cudagraph-capture", capture, *mode, "--report", report, "--quiet"]
+               "--cudagraph-capture", capture, "--report", report, "--quiet"]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(dir=work, prefix="inductor-"))
+        if profile_dir and label != "cold":  # each rank's cProfile, actor start to ready
+            env["KILN_PROFILE_DIR"] = os.path.join(profile_dir, f"warmup-{label.replace(' ', '-')}")
         t0 = time.perf_counter()
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
         if run.returncode:
@@ -194,14 +246,16 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the GPU shapes (Llama-3.2-1B, Llama-3.1-8B)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--only", choices=("compile", "warmup"), help="run one half")
+    parser.add_argument("--profile", metavar="DIR", help="profile the warm children (cProfile) into DIR")
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     with tempfile.TemporaryDirectory(prefix="kiln-warm-start-") as work:
-        compile_rows = compile_variants(args.gpu, work) if args.only != "warmup" else []
-        warmup_rows = warmup_variants(args.gpu, work) if args.only != "compile" else []
+        prime_bytecode(work)
+        compile_rows = compile_variants(args.gpu, work, args.profile) if args.only != "warmup" else []
+        warmup_rows = warmup_variants(args.gpu, work, args.profile) if args.only != "compile" else []
     import platform
 
     import torch

@@ -57,6 +57,17 @@ def local_factors(device_type: str) -> dict[str, str]:
     }
 
 
+def _start_profile() -> Any:
+    """A running cProfile.Profile when KILN_PROFILE_DIR is set (see KilnWorker._write_profile)."""
+    if not os.environ.get("KILN_PROFILE_DIR"):
+        return None
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
 class KilnWorker:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
@@ -65,6 +76,7 @@ class KilnWorker:
         self.model: Any = None
         self.report: WorkerReport | None = None
         self.started = time.time()
+        self.profile = _start_profile()
 
     # ---- small queries the driver makes before set-up ----------------------------------------
 
@@ -219,7 +231,25 @@ class KilnWorker:
         self.phase = "report"
         self.report = self._report()
         self.phase = "ready"
+        if self.profile is not None:
+            self._write_profile()
         return self.report
+
+    def _write_profile(self) -> None:
+        """KILN_PROFILE_DIR: this rank's cProfile from the actor's start to ready, as
+        rank{N}.prof (pstats) and rank{N}.txt (the top functions by cumulative time)."""
+        import io
+        import pstats
+
+        self.profile.disable()
+        root = os.environ["KILN_PROFILE_DIR"]
+        os.makedirs(root, exist_ok=True)
+        self.profile.dump_stats(os.path.join(root, f"rank{self.rank}.prof"))
+        text = io.StringIO()
+        pstats.Stats(self.profile, stream=text).strip_dirs().sort_stats("cumulative").print_stats(80)
+        with open(os.path.join(root, f"rank{self.rank}.txt"), "w") as f:
+            f.write(text.getvalue())
+        self.profile = None
 
     def _report(self) -> WorkerReport:
         import ray

@@ -180,18 +180,6 @@ class KilnModel:
                 log.warning(note)
                 record.warnings.append(note)
                 self._capture()
-            elif lazy and self.mode.has_full_cudagraphs() and self._injected_pool is None:
-                # On an H200 the CUDA test of lazy capture with full graphs failed twice in three
-                # runs (a piecewise replay on the main thread gave wrong rows while the capture
-                # thread warmed up and captured the full graph of a larger size; cause not found:
-                # suspected shared per-stream cuBLAS workspace between the capture stream's eager
-                # warm-ups and replays of graphs captured on it). PIECEWISE passed every run.
-                note = (f"cudagraph_capture lazy: captured eagerly, since lazy capture of full graphs "
-                        f"({self.mode.name}) failed its GPU correctness test; use cudagraph_mode "
-                        "PIECEWISE for lazy capture")
-                log.warning(note)
-                record.warnings.append(note)
-                self._capture()
             elif lazy:
                 self._start_lazy_capture()
             else:
@@ -248,16 +236,22 @@ class KilnModel:
         """Set everything up that dispatch needs, then start the capture thread and return."""
         config = self.config
         device = self._buffers_device()
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        pool = self._injected_pool if self._injected_pool is not None else GraphPool(stream=stream)
+        cuda = device.type == "cuda"
+        # Two side streams: eager work (warm-ups, the splitting ops between piecewise captures)
+        # on `work`, captures on `capture`, which never runs anything eagerly. See "cuBLAS
+        # workspace" in _capture_size_lazily for why they must differ.
+        work = torch.cuda.Stream(device) if cuda else None
+        capture = torch.cuda.Stream(device) if cuda else None
+        pool = self._injected_pool if self._injected_pool is not None else GraphPool(stream=capture)
         piecewise, full = self._prepare_capture(pool)
-        if stream is not None:
-            # The side stream does not synchronise with the main thread's: order everything
+        if cuda:
+            # The side streams do not synchronise with the main thread's: order everything
             # queued on it so far (weights and KV cache being filled or copied in, the trace's
             # first run, the static buffers just cloned) before the capture thread's first
             # kernel, which reads the weights and writes the KV cache.
-            stream.wait_stream(torch.cuda.current_stream(device))
-        self._lazy_plan = (piecewise, full, stream)
+            work.wait_stream(torch.cuda.current_stream(device))
+            capture.wait_stream(torch.cuda.current_stream(device))
+        self._lazy_plan = (piecewise, full, work, capture)
         order = config.lazy_capture_order()
         ready_at = time.time()
         self.lazy = LazyCapture(order, self._capture_size_lazily, ready_at=ready_at,
@@ -278,11 +272,20 @@ class KilnModel:
         """Capture one size on the capture thread, then publish it (runs in LazyCapture's thread).
 
         Why this is sound next to a main thread that serves batches at the same time:
-        - Streams. Everything here runs on the thread's own side stream (a non-blocking stream
-          from torch's pool, so launches on the main thread's stream, even the legacy default
-          one, never synchronise with it); captures use capture_error_mode "thread_local"
-          (GraphPool), so the main thread's cudaMalloc, syncs and launches neither fail nor
-          invalidate a capture. The current stream and grad mode are per thread in torch.
+        - Streams. Everything here runs on the thread's own side streams (non-blocking streams,
+          so launches on the main thread's stream, even the legacy default one, never
+          synchronise with them); captures use capture_error_mode "thread_local" (GraphPool), so
+          the main thread's cudaMalloc, syncs and launches neither fail nor invalidate a
+          capture. The current stream and grad mode are per thread in torch.
+        - cuBLAS workspace. ATen gives each (cuBLAS handle, stream) pair its own workspace, and
+          a GEMM captured in a graph keeps that workspace's address: every replay on the main
+          stream uses the workspace of the *capture* stream. Had this thread's eager work
+          (warm-ups of the next size, the splitting ops between piecewise captures) run on the
+          capture stream, its GEMMs would share that workspace with replays running on the
+          main stream at the same moment: wrong rows in a published size (seen on an H200
+          with FULL_AND_PIECEWISE, 2 runs in 3, when both ran on one side stream). So eager
+          work runs on `work`, and `capture` only ever captures; replays of graphs captured on
+          it run one after another on the main stream, as in eager capture.
         - Inputs. The warm-ups and the capture run on inputs of their own, padding rows made
           here (`dummy_inputs`), never on kiln's static buffers `_buffers`, which the main
           thread writes real batches into. A graph therefore reads these private tensors: a
@@ -331,9 +334,14 @@ class KilnModel:
           this thread's, which slows it a little while capturing but never blocks it on a
           capture. Not for free-threaded Python builds.
         """
-        piecewise, full, stream = self._lazy_plan
+        piecewise, full, stream, capture_stream = self._lazy_plan
         cuda = stream is not None
         warmups = self.config.cudagraph_num_of_warmups
+
+        def synchronize() -> None:  # both side streams: work done, graphs complete
+            stream.synchronize()
+            capture_stream.synchronize()
+
         with torch.no_grad(), (torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
             inputs = self.dummy_inputs(size)  # private, padding rows only
             if piecewise:
@@ -343,7 +351,7 @@ class KilnModel:
                 with graph_runtime(True, size, capturing=True):
                     self.forward_fn(*inputs)
                 if cuda:
-                    stream.synchronize()
+                    synchronize()
                 self._piecewise_graphed = self._piecewise_graphed | {size}
             if full:
                 # Not the piecewise graphs' inputs: those are published and the main thread may
@@ -354,7 +362,7 @@ class KilnModel:
                 forward = self.forward_fn  # (the graph's closure must not hold the KilnModel)
                 entry = self.pool.capture("full", size, lambda: forward(*full_inputs))
                 if cuda:
-                    stream.synchronize()
+                    synchronize()
                 self._full_inputs[size] = full_inputs
                 self.full_graphs[size] = entry
 
