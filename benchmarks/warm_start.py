@@ -55,6 +55,7 @@ def prime_bytecode(work: str) -> None:
     process that imports what the variants import before any variant runs.
     """
     os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # set on the GPU machines: nothing would be written
     code = ("import torch, torch._dynamo, torch._inductor.compile_fx, torch._inductor.select_algorithm, transformers;"
             "from transformers import LlamaForCausalLM; import kiln, kiln.workers.worker, kiln.orchestrator.cli;"
             "import ray")
@@ -90,7 +91,7 @@ def child(spec: dict) -> None:
         facts = {"inductor_compiles": rec.inductor_compiles, "cache_hits": rec.cache_hits,
                  "trace_cache": rec.trace_cache,
                  "by_kind": {k: sum(p.seconds for p in rec.phases if p.kind == k)
-                             for k in ("trace", "compile", "load", "run")}}
+                             for k in ("setup", "trace", "compile", "load", "run")}}
     else:
         compiled = torch.compile(model)
         with torch.no_grad():

@@ -165,6 +165,10 @@ class CompiledModule:
                 return self._forward(*args, **kwargs)
             args, kwargs = canonical_call(self._signature, args, kwargs)
             if self._call_shape is None:
+                # Dynamo's and Inductor's imports (seconds) get a phase of their own, not the
+                # first trace's or load's (as in KilnModel.compile).
+                with self.record.phase("import_compiler", "setup"):
+                    torch_internals.import_compiler()
                 # Trace, compile or load, first run: where Inductor would autotune, counted.
                 with torch_internals.count_autotune_benchmarks() as tuned:
                     try:
