@@ -3,7 +3,7 @@
 Workers each return a JSON-able dict (phases with start/end times, cache counters, errors). The
 driver merges them into a `RunReport`, which renders three ways: a fixed-width table for the
 terminal, a JSON file (loadable again with `RunReport.from_json`), and a Chrome-trace timeline
-with one track per rank that Perfetto and chrome://tracing open.
+with one track per rank that Perfetto and chrome://tracing open (timeline.py).
 
 Stdlib and kiln.cache's atomic writer only, on purpose: `kiln` subcommands that only read or
 print reports must not pay for importing torch or ray.
@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from kiln.cache.atomic import atomic_write_bytes
 from kiln.orchestrator.fanout import fanout_lines, fanout_summary
+from kiln.orchestrator.timeline import chrome_trace, rank_number
 
 # Counters summed over ranks by RunReport.totals(); a failed rank may lack any of them.
 COUNTERS = (
@@ -111,12 +112,6 @@ def _failure_sort_key(f: dict) -> tuple:
             str(f.get("phase")), str(f.get("cause")))
 
 
-def _rank_number(report: dict) -> int:
-    """A report's rank for sorting; -1 where a broken report lacks one."""
-    rank = report.get("rank")
-    return rank if isinstance(rank, int) else -1
-
-
 def _common_cache_key(ranks: list[dict]) -> str:
     """The ranks' shared cache key, "mixed" if they disagree, "" if none reported one. Ranks that
     died before computing a key do not count as disagreeing."""
@@ -152,7 +147,7 @@ class RunReport:
         actor that died, a timeout); each worker's own `error` is added here, duplicates dropped.
         A failure with "retried": true belongs to an earlier attempt (number "attempt") that a
         retry made good: it is on record but does not make the report fail."""
-        ranks = sorted((_normalize_rank(r) for r in worker_reports), key=_rank_number)
+        ranks = sorted((_normalize_rank(r) for r in worker_reports), key=rank_number)
         found = [_failure_from_error(r.get("rank"), r["error"]) for r in ranks if r["error"]]
         # One entry per (rank, phase, cause, attempt); a duplicate's extra keys (a traceback) are kept.
         unique: dict[tuple, dict] = {}
@@ -314,34 +309,9 @@ class RunReport:
     # -- Chrome trace -------------------------------------------------------------------------
 
     def chrome_trace(self) -> dict:
-        """The run as a Chrome-trace JSON object: one process per node, one thread per rank, one
-        complete event per phase; times in microseconds from the earliest phase start."""
-        origin = min((p["start"] for r in self.ranks for p in r["phases"] if p.get("start") is not None),
-                     default=0.0)
-        pids: dict[str, int] = {}
-        meta: list[dict] = []
-        events: list[dict] = []
-        for r in self.ranks:
-            node = str(r.get("node") or r.get("node_id") or "?")
-            if node not in pids:
-                pids[node] = len(pids)
-                meta += _process_meta(pids[node], node)
-            pid, tid = pids[node], _rank_number(r)
-            meta += _thread_meta(pid, tid, r)
-            events += _phase_events(pid, tid, r["phases"] + _lazy_capture_phases(r), origin)
-            if r.get("error"):
-                events.append(_error_event(pid, tid, r, origin))
-        # Failures no rank report carries (a rank that died, or failed before it could report):
-        # instant events on a "failures" track, so the trace names them too.
-        reported = {r.get("rank") for r in self.ranks if r.get("error")}
-        unreported = [f for f in self.failures if f.get("retried") or f.get("rank") not in reported]
-        if unreported:
-            pid = len(pids)
-            meta += [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": "failures"}},
-                     {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
-            events += [_failure_event(pid, f) for f in unreported]
-        events.sort(key=lambda e: (e["pid"], e["tid"], e["ts"]))
-        return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
+        """The run as a Chrome-trace JSON object (orchestrator/timeline.py): one process per node,
+        one thread per rank, one complete event per phase, lazy captures included."""
+        return chrome_trace(self.ranks, self.failures, lambda r: r["phases"] + _lazy_capture_phases(r))
 
     def write_chrome_trace(self, path: str | os.PathLike) -> Path:
         """Write chrome_trace() to `path`, atomically; returns the path."""
@@ -405,49 +375,6 @@ def _render_columns(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _rank_list(ranks: list) -> str:
     return ",".join(str(r) for r in ranks)
-
-
-def _us(seconds: float) -> float:
-    # Rounded to nanoseconds so the trace is byte-for-byte stable across float noise.
-    return round(seconds * 1e6, 3)
-
-
-def _process_meta(pid: int, node: str) -> list[dict]:
-    return [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": f"node {node}"}},
-            {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
-
-
-def _thread_meta(pid: int, tid: int, r: dict) -> list[dict]:
-    label = f"rank {r.get('rank', '?')} ({r.get('device') or '?'})"
-    return [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": label}},
-            {"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}}]
-
-
-def _phase_events(pid: int, tid: int, phases: list[dict], origin: float) -> list[dict]:
-    """Complete ("X") events for phases that have a start time; others cannot be placed."""
-    return [{"name": p["name"], "cat": p["kind"], "ph": "X", "pid": pid, "tid": tid,
-             "ts": _us(p["start"] - origin), "dur": max(1.0, _us(p["seconds"])), "args": p["extra"]}
-            for p in phases if p.get("start") is not None]
-
-
-def _error_event(pid: int, tid: int, r: dict, origin: float) -> dict:
-    """A thread-scoped instant event at the end of the rank's last placed phase (where it died)."""
-    ends = [p["end"] for p in r["phases"] if p.get("end") is not None]
-    ts = _us(max(ends) - origin) if ends else 0.0
-    err = r["error"]
-    return {"name": f"error: {err.get('type') or 'Error'}", "cat": "error", "ph": "i", "s": "t",
-            "pid": pid, "tid": tid, "ts": max(ts, 0.0),
-            "args": {k: err.get(k) for k in ("phase", "message", "traceback") if err.get(k) is not None}}
-
-
-def _failure_event(pid: int, f: dict) -> dict:
-    """A failure from the report's failures list as an instant event on the rank's thread."""
-    where = f"rank {f['rank']}" if f.get("rank") is not None else "driver"
-    label = f"attempt {f.get('attempt') or '?'} failed (retried)" if f.get("retried") else "FAILED"
-    rank = f.get("rank")
-    return {"name": f"{label}: {where} in {f.get('phase')}", "cat": "error", "ph": "i", "s": "t",
-            "pid": pid, "tid": rank if isinstance(rank, int) else -1, "ts": 0.0,
-            "args": {k: f.get(k) for k in ("rank", "phase", "cause", "attempt", "retried") if f.get(k) is not None}}
 
 
 def _atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

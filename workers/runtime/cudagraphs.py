@@ -4,7 +4,7 @@ Runtime mode: a forward runs with piecewise graphs on (PIECEWISE) or off (NONE);
 sets it per call (`graph_runtime`). Full graphs capture the whole compiled forward while the
 piecewise graphs are off. All graphs of a worker share one memory pool; eager capture takes
 the sizes largest first, so smaller graphs reuse the larger ones' memory. Lazy capture
-(`GraphPool(stream=...)`, KilnModel._capture_size_lazily) takes them in order of expected use on
+(`GraphPool(stream=...)`, LazyGraphs._capture_size_lazily) takes them in order of expected use on
 a background thread's own stream, with capture_error_mode "thread_local".
 
 Garbage collection is paused while a capture is under way (`_gc_paused`): a cyclic collection

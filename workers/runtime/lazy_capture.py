@@ -4,8 +4,8 @@ With `cudagraph_capture="lazy"` a `KilnModel` is ready as soon as its pieces are
 loaded. This module owns the thread that then captures one size after another, in the order of
 expected use (`CompilationConfig.lazy_capture_order`: the given order, then smallest first),
 and the record of when each size was captured. What one capture does (warm-ups, piecewise and
-full graphs, publishing them) is KilnModel's `_capture_size_lazily`; the soundness argument
-(streams, buffers, the memory pool, publication) is written there.
+full graphs, publishing them) is `LazyGraphs._capture_size_lazily` (lazy_graphs.py); the
+soundness argument (streams, buffers, the memory pool, publication) is written there.
 
 The contract, from the main thread's side:
 - no call ever waits for a capture: dispatch reads only what has been published (an immutable
