@@ -64,7 +64,11 @@ def _start_profile() -> Any:
     import cProfile
 
     profile = cProfile.Profile()
-    profile.enable()
+    try:
+        profile.enable()
+    except ValueError as exc:  # Python 3.12+: another profiler holds the thread
+        print(f"kiln: KILN_PROFILE_DIR is set but this worker cannot be profiled: {exc}", file=sys.stderr)
+        return None
     return profile
 
 
