@@ -272,7 +272,9 @@ def test_property_json_round_trip(kwargs):
 BAD_TEXT = st.text(max_size=12)
 CUSTOM_OP_ENTRY = re.compile(r"all|none|[+-][A-Za-z_][A-Za-z0-9_]*")
 _ID = r"[A-Za-z_][A-Za-z0-9_]*"
-SPLITTING_OP = re.compile(rf"{_ID}::{_ID}(\.{_ID})?")
+# Valid splitting ops: "namespace::op[.overload]", or the dotted "namespace.op[.overload]"
+# spelling that ported configs use (normalised to "::").
+SPLITTING_OP = re.compile(rf"{_ID}::{_ID}(\.{_ID})?|{_ID}\.{_ID}(\.{_ID})?")
 
 
 @given(st.lists(st.sampled_from(["all", "+ok", "-fine"]), max_size=1), st.one_of(
