@@ -81,7 +81,11 @@ def child(spec: dict) -> None:
     ids = torch.randint(0, config.vocab_size, (4, 16), device=device)
     t_built = time.perf_counter()
     facts: dict = {}
-    profile = _profiler(spec.get("profile"))
+    profile = None
+    if spec.get("profile"):
+        from kiln.workers import profiling
+
+        profile = profiling.start()
     if spec["variant"] == "kiln":
         import kiln
 
@@ -100,35 +104,9 @@ def child(spec: dict) -> None:
         torch.cuda.synchronize()
     first = time.perf_counter()
     if profile is not None:
-        _write_profile(profile, spec["profile"])
+        profiling.write(profile, spec["profile"])
     print(json.dumps({"first_output_s": first - START, "compile_s": first - t_built,
                       "checksum": out.float().sum().item(), **facts}))
-
-
-def _profiler(path: str | None):
-    """A running cProfile.Profile when the spec asks for one (--profile), else None."""
-    if not path:
-        return None
-    import cProfile
-
-    profile = cProfile.Profile()
-    profile.enable()
-    return profile
-
-
-def _write_profile(profile, path: str) -> None:
-    """Stop `profile`; its stats to path (.prof) and the top functions to path.txt."""
-    import io
-    import pstats
-
-    profile.disable()
-    profile.dump_stats(path)
-    text = io.StringIO()
-    stats = pstats.Stats(profile, stream=text).strip_dirs()
-    stats.sort_stats("cumulative").print_stats(60)
-    stats.sort_stats("tottime").print_stats(40)
-    with open(path + ".txt", "w") as f:
-        f.write(text.getvalue())
 
 
 def run_child(spec: dict, env: dict) -> dict:
@@ -156,7 +134,7 @@ def compile_variants(gpu: bool, work: str, profile_dir: str | None = None) -> li
                 env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(dir=work, prefix="inductor-")
             spec = {"variant": "kiln" if variant == "kiln" else "torch", "gpu": gpu, "root": root}
             if profile_dir and label == "warm":  # where a warm start goes, function by function
-                spec["profile"] = os.path.join(profile_dir, f"{spec['variant']}-warm.prof")
+                spec["profile"] = os.path.join(profile_dir, f"{spec['variant']}-warm")
             results[label] = run_child(spec, env)
             print(f"# {variant} {label}: {json.dumps(results[label])}", flush=True)
         rows.append({"variant": f"{variant} ({'Llama-3.2-1B shape' if gpu else 'tiny Llama, 3 layers'})",

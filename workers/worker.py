@@ -58,18 +58,17 @@ def local_factors(device_type: str) -> dict[str, str]:
 
 
 def _start_profile() -> Any:
-    """A running cProfile.Profile when KILN_PROFILE_DIR is set (see KilnWorker._write_profile)."""
+    """A running profile of the worker's thread when KILN_PROFILE_DIR is set (see
+    KilnWorker._write_profile)."""
     if not os.environ.get("KILN_PROFILE_DIR"):
         return None
-    import cProfile
+    from kiln.workers import profiling
 
-    profile = cProfile.Profile()
     try:
-        profile.enable()
+        return profiling.start()
     except ValueError as exc:  # Python 3.12+: another profiler holds the thread
         print(f"kiln: KILN_PROFILE_DIR is set but this worker cannot be profiled: {exc}", file=sys.stderr)
         return None
-    return profile
 
 
 class KilnWorker:
@@ -241,18 +240,10 @@ class KilnWorker:
 
     def _write_profile(self) -> None:
         """KILN_PROFILE_DIR: this rank's cProfile from the actor's start to ready, as
-        rank{N}.prof (pstats) and rank{N}.txt (the top functions by cumulative time)."""
-        import io
-        import pstats
+        rank{N}.prof (pstats) and rank{N}.txt (the top functions)."""
+        from kiln.workers import profiling
 
-        self.profile.disable()
-        root = os.environ["KILN_PROFILE_DIR"]
-        os.makedirs(root, exist_ok=True)
-        self.profile.dump_stats(os.path.join(root, f"rank{self.rank}.prof"))
-        text = io.StringIO()
-        pstats.Stats(self.profile, stream=text).strip_dirs().sort_stats("cumulative").print_stats(80)
-        with open(os.path.join(root, f"rank{self.rank}.txt"), "w") as f:
-            f.write(text.getvalue())
+        profiling.write(self.profile, os.path.join(os.environ["KILN_PROFILE_DIR"], f"rank{self.rank}"))
         self.profile = None
 
     def _report(self) -> WorkerReport:
